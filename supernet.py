@@ -1,0 +1,359 @@
+"""The challenge's ResNet-48 search space, its arch codes and the weight-sharing supernet.
+
+Search space (CVPR 2022 lightweight-NAS challenge, track 1): a ResNet of BasicBlocks with
+elastic depth per stage and elastic width per conv, encoded as a 52-character string:
+
+    position 0        '1' (the one image-size option)
+    positions 1-4     depth of each stage (2..5, 2..5, 2..8, 2..5)
+    position 5        width code of the stem (= stage-1 output, see "residual tying")
+    positions 6-51    two codes (conv1, conv2) for each of the 23 block slots; '00' = absent
+
+Width codes '1'..'7' mean the ratios 1.0 .. 0.7 of the stage's base width. Inside a stage every
+conv2 (and the projection shortcut) writes into the same residual stream, so all conv2 codes
+of a stage are equal, and stage 1 has no projection, so its conv2 code equals the stem's.
+
+The supernet holds one max-size weight per layer; a subnet uses the first c channels of each
+and the first d blocks of each stage. `extract_subnet` copies those slices into a plain static
+network, which must compute exactly what the supernet computes for that arch.
+"""
+
+import random
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
+
+MAX_DEPTHS = (5, 5, 8, 5)
+DEPTH_RANGES = ((2, 5), (2, 5), (2, 8), (2, 5))
+BASE_WIDTHS = (64, 128, 256, 512)
+STEM_BASE = 64
+STRIDES = (1, 2, 2, 2)
+WIDTH_RATIOS = {1: 1.0, 2: 0.95, 3: 0.9, 4: 0.85, 5: 0.8, 6: 0.75, 7: 0.7}
+# The codes the challenge's 45,000 candidates use per stage (the stem shares stage 1's).
+WIDTH_CODES = ((1, 2, 3), (1, 2, 3), (1, 2, 3, 4, 5), (1, 2, 3, 4, 5, 6, 7))
+SLOT_START = (6, 16, 26, 42)  # first code position of each stage's block slots
+MAX_CODE = "15585" + "1" * 47
+ABSENT_AS = 9  # Eq. 2 reads an absent layer's '0' as 9: closer to the narrowest than the widest
+
+
+@dataclass(frozen=True)
+class Arch:
+    """One subnet: active depth per stage, output width code per stage, conv1 code per block.
+
+    `outs[0]` is also the stem's width (residual tying); `mids[s]` has `depths[s]` codes.
+    """
+
+    depths: tuple[int, ...]
+    outs: tuple[int, ...]
+    mids: tuple[tuple[int, ...], ...]
+
+    @property
+    def stem(self) -> int:
+        return self.outs[0]
+
+    @property
+    def blocks(self) -> list[tuple[int, int]]:
+        """(conv1 code, conv2 code) of every active block, stage by stage."""
+        return [(m, self.outs[s]) for s in range(4) for m in self.mids[s]]
+
+
+def make_divisible(value: float, divisor: int = 8) -> int:
+    """Round to the nearest multiple of `divisor`, never more than 10% below `value`."""
+    rounded = max(divisor, int(value + divisor / 2) // divisor * divisor)
+    return rounded + divisor if rounded < 0.9 * value else rounded
+
+
+def channels(base: int, code: int, width_mult: float = 1.0, divisor: int = 8) -> int:
+    return make_divisible(base * width_mult * WIDTH_RATIOS[code], divisor)
+
+
+# ---------------------------------------------------------------- arch codes
+
+def decode(code: str) -> Arch:
+    """Parse a challenge arch code (52 characters, or 51 without the leading '1').
+
+    Raises ValueError naming the position (in the string as given) and the rule broken.
+    """
+    if not isinstance(code, str) or len(code) not in (51, 52):
+        n = len(code) if isinstance(code, str) else type(code).__name__
+        raise ValueError(f"arch code has length {n}; expected 52 characters (or 51 without the leading '1')")
+    shift = 52 - len(code)  # positions below are of the 52-character form; report them as given
+    full = "1" * shift + code
+    for i, ch in enumerate(code):
+        if ch not in "0123456789":
+            raise ValueError(f"position {i}: {ch!r} is not a digit")
+
+    def fail(pos: int, rule: str):
+        raise ValueError(f"position {pos - shift}: {rule}")
+
+    if full[0] != "1":
+        fail(0, f"image-size option must be '1', got {full[0]!r}")
+    depths = tuple(int(full[1 + s]) for s in range(4))
+    for s, d in enumerate(depths):
+        lo, hi = DEPTH_RANGES[s]
+        if not lo <= d <= hi:
+            fail(1 + s, f"stage {s + 1} depth {d} is outside {lo}..{hi}")
+    stem = int(full[5])
+    if stem not in WIDTH_CODES[0]:
+        fail(5, f"stem width code {stem} is not one of {_codes(WIDTH_CODES[0])}")
+    outs, mids = [], []
+    for s in range(4):
+        stage_mids = []
+        out = stem if s == 0 else None  # stages 2-4: the first block's projection sets the width
+        for b in range(MAX_DEPTHS[s]):
+            pos = SLOT_START[s] + 2 * b
+            pair = full[pos:pos + 2]
+            if b >= depths[s]:
+                if pair != "00":
+                    fail(pos, f"stage {s + 1} block {b + 1} is absent (depth {depths[s]}) but is {pair!r}, not '00'")
+                continue
+            for k, c in enumerate(map(int, pair)):
+                if c == 0:
+                    fail(pos + k, f"stage {s + 1} block {b + 1} is present (depth {depths[s]}) but has width code 0")
+                if c not in WIDTH_CODES[s]:
+                    fail(pos + k, f"width code {c} is not allowed in stage {s + 1} (allowed {_codes(WIDTH_CODES[s])})")
+            conv1, conv2 = int(pair[0]), int(pair[1])
+            stage_mids.append(conv1)
+            if out is None:
+                out = conv2
+            elif conv2 != out:
+                source = "the stem's code" if s == 0 else "block 1's conv2 code"
+                fail(pos + 1, f"residual tying: stage {s + 1} block {b + 1} conv2 code {conv2} differs from {source} {out}")
+        outs.append(out)
+        mids.append(tuple(stage_mids))
+    return Arch(depths, tuple(outs), tuple(mids))
+
+
+def _codes(allowed) -> str:
+    return f"{allowed[0]}..{allowed[-1]}"
+
+
+def encode(arch: Arch) -> str:
+    """The 52-character challenge code of `arch`."""
+    parts = ["1", "".join(map(str, arch.depths)), str(arch.stem)]
+    for s in range(4):
+        for b in range(MAX_DEPTHS[s]):
+            parts.append(f"{arch.mids[s][b]}{arch.outs[s]}" if b < arch.depths[s] else "00")
+    return "".join(parts)
+
+
+# ---------------------------------------------------------------- sampling and distance
+
+def sample_arch(rng: random.Random, depth_ranges=DEPTH_RANGES, width_codes=WIDTH_CODES) -> Arch:
+    """Uniform sample inside a sampling space: a depth range and a set of width codes per stage.
+
+    Every free variable (depth of each stage, each stage's output width, each active block's
+    conv1 width) is drawn independently and uniformly; the stem shares stage 1's codes.
+    """
+    depths = tuple(rng.randint(lo, hi) for lo, hi in depth_ranges)
+    outs = tuple(rng.choice(width_codes[s]) for s in range(4))
+    mids = tuple(tuple(rng.choice(width_codes[s]) for _ in range(depths[s])) for s in range(4))
+    return Arch(depths, outs, mids)
+
+
+def layer_codes(arch: Arch) -> list[int]:
+    """The stem code and the 46 block codes, '0' read as 9: the vector Eq. 2 compares."""
+    return [int(c) or ABSENT_AS for c in encode(arch)[5:]]
+
+
+def distance(a: Arch, b: Arch) -> int:
+    """Eq. 2 of the APS/CPT paper: D(i, j) = sum_k |C_i^k - C_j^k| over the width codes."""
+    return sum(abs(x - y) for x, y in zip(layer_codes(a), layer_codes(b)))
+
+
+# ---------------------------------------------------------------- network shapes
+
+@dataclass(frozen=True)
+class NetShape:
+    """What a network is built for: input size and channels, classes and width scaling.
+
+    224 px inputs get torchvision's ResNet stem (7x7/2 conv + 3x3/2 max-pool); smaller
+    images (32, 28 px) a 3x3/1 conv and no pool, so the feature maps stay large enough.
+    """
+
+    image_size: int = 224
+    in_channels: int = 3
+    num_classes: int = 1000
+    width_mult: float = 1.0
+    divisor: int = 8
+
+    def ch(self, base: int, code: int) -> int:
+        return channels(base, code, self.width_mult, self.divisor)
+
+
+def arch_channels(arch: Arch, shape: NetShape):
+    """Stem channels and (in, mid, out, stride) of every active block."""
+    stem = shape.ch(STEM_BASE, arch.stem)
+    plan, cin = [], stem
+    for s in range(4):
+        cout = shape.ch(BASE_WIDTHS[s], arch.outs[s])
+        for b, m in enumerate(arch.mids[s]):
+            plan.append((cin, shape.ch(BASE_WIDTHS[s], m), cout, STRIDES[s] if b == 0 else 1))
+            cin = cout
+    return stem, plan
+
+
+MAX_ARCH = decode(MAX_CODE)
+
+
+def _stem_geometry(shape: NetShape):
+    return (7, 2, 3, True) if shape.image_size >= 128 else (3, 1, 1, False)  # kernel, stride, pad, pool
+
+
+# ---------------------------------------------------------------- the supernet
+
+class SlicedConvBN(nn.Module):
+    """A conv + BN pair at its widest; a subnet uses the first `cout` filters on the first
+    `x.shape[1]` input channels, and the first `cout` BN parameters and running statistics
+    (views, so BN's running-stat updates land in the shared buffers)."""
+
+    def __init__(self, cin: int, cout: int, kernel: int, stride: int):
+        super().__init__()
+        self.stride, self.padding = stride, kernel // 2
+        self.weight = nn.Parameter(torch.empty(cout, cin, kernel, kernel))
+        nn.init.kaiming_normal_(self.weight, mode="fan_out", nonlinearity="relu")
+        self.bn = nn.BatchNorm2d(cout)
+
+    def forward(self, x: torch.Tensor, cout: int) -> torch.Tensor:
+        w = self.weight[:cout, :x.shape[1]]
+        y = F.conv2d(x, w, None, self.stride, self.padding)
+        bn = self.bn
+        return F.batch_norm(y, bn.running_mean[:cout], bn.running_var[:cout], bn.weight[:cout], bn.bias[:cout],
+                            bn.training, bn.momentum, bn.eps)
+
+
+class SuperBlock(nn.Module):
+    def __init__(self, cin: int, mid: int, cout: int, stride: int):
+        super().__init__()
+        self.conv1 = SlicedConvBN(cin, mid, 3, stride)
+        self.conv2 = SlicedConvBN(mid, cout, 3, 1)
+        self.shortcut = SlicedConvBN(cin, cout, 1, stride) if stride != 1 or cin != cout else None
+
+    def forward(self, x: torch.Tensor, mid: int, cout: int) -> torch.Tensor:
+        y = self.conv2(F.relu(self.conv1(x, mid)), cout)
+        return F.relu(y + (x if self.shortcut is None else self.shortcut(x, cout)))
+
+
+class Supernet(nn.Module):
+    """The dynamic ResNet-48: `forward(x, arch)` runs the subnet `arch` on shared weights."""
+
+    def __init__(self, shape: NetShape = NetShape()):
+        super().__init__()
+        self.shape = shape
+        k, stride, _, self.pool = _stem_geometry(shape)
+        stem_max, plan = arch_channels(MAX_ARCH, shape)
+        self.stem = SlicedConvBN(shape.in_channels, stem_max, k, stride)
+        self.stages = nn.ModuleList()
+        for s in range(4):
+            stage_plan = plan[sum(MAX_DEPTHS[:s]):sum(MAX_DEPTHS[:s + 1])]
+            self.stages.append(nn.ModuleList(SuperBlock(*p) for p in stage_plan))
+        self.fc = nn.Linear(plan[-1][2], shape.num_classes)
+
+    def features(self, x: torch.Tensor, arch: Arch) -> torch.Tensor:
+        """Pooled features of `arch` (width = its stage-4 output channels)."""
+        stem, plan = arch_channels(arch, self.shape)
+        x = F.relu(self.stem(x, stem))
+        if self.pool:
+            x = F.max_pool2d(x, 3, 2, 1)
+        i = 0
+        for s, blocks in enumerate(self.stages):
+            for b in range(arch.depths[s]):
+                _, mid, cout, _ = plan[i]
+                x = blocks[b](x, mid, cout)
+                i += 1
+        return torch.flatten(F.adaptive_avg_pool2d(x, 1), 1)
+
+    def forward(self, x: torch.Tensor, arch: Arch) -> torch.Tensor:
+        f = self.features(x, arch)
+        return F.linear(f, self.fc.weight[:, :f.shape[1]], self.fc.bias)
+
+
+# ---------------------------------------------------------------- static subnets
+
+class BasicBlock(nn.Module):
+    def __init__(self, cin: int, mid: int, cout: int, stride: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, mid, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(mid)
+        self.conv2 = nn.Conv2d(mid, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.downsample = None
+        if stride != 1 or cin != cout:
+            self.downsample = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x)))))
+        return F.relu(y + (x if self.downsample is None else self.downsample(x)))
+
+
+class StaticNet(nn.Module):
+    """A plain ResNet of one arch: what a subnet is when trained stand-alone."""
+
+    def __init__(self, arch: Arch, shape: NetShape = NetShape()):
+        super().__init__()
+        self.arch, self.shape = arch, shape
+        k, stride, pad, pool = _stem_geometry(shape)
+        stem, plan = arch_channels(arch, shape)
+        self.conv1 = nn.Conv2d(shape.in_channels, stem, k, stride, pad, bias=False)
+        self.bn1 = nn.BatchNorm2d(stem)
+        self.maxpool = nn.MaxPool2d(3, 2, 1) if pool else nn.Identity()
+        self.blocks = nn.Sequential(*(BasicBlock(*p) for p in plan))
+        self.fc = nn.Linear(plan[-1][2], shape.num_classes)
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.blocks(self.maxpool(F.relu(self.bn1(self.conv1(x)))))
+        return torch.flatten(F.adaptive_avg_pool2d(x, 1), 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.features(x))
+
+
+def _copy_conv_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d, src: SlicedConvBN):
+    o, i = conv.weight.shape[:2]
+    conv.weight.copy_(src.weight[:o, :i])
+    for name in ("weight", "bias", "running_mean", "running_var"):
+        getattr(bn, name).copy_(getattr(src.bn, name)[:o])
+    bn.num_batches_tracked.copy_(src.bn.num_batches_tracked)
+
+
+@torch.no_grad()
+def extract_subnet(supernet: Supernet, arch: Arch) -> StaticNet:
+    """A static network of `arch` holding copies of the supernet's sliced weights."""
+    net = StaticNet(arch, supernet.shape).to(supernet.fc.weight.device)
+    _copy_conv_bn(net.conv1, net.bn1, supernet.stem)
+    i = 0
+    for s, blocks in enumerate(supernet.stages):
+        for b in range(arch.depths[s]):
+            src, dst = blocks[b], net.blocks[i]
+            _copy_conv_bn(dst.conv1, dst.bn1, src.conv1)
+            _copy_conv_bn(dst.conv2, dst.bn2, src.conv2)
+            if dst.downsample is not None:
+                _copy_conv_bn(dst.downsample[0], dst.downsample[1], src.shortcut)
+            i += 1
+    net.fc.weight.copy_(supernet.fc.weight[:, :net.fc.in_features])
+    net.fc.bias.copy_(supernet.fc.bias)
+    return net.train(supernet.training)
+
+
+def count_flops_params(model_or_arch, image_size: int = 224, shape: NetShape | None = None) -> tuple[int, int]:
+    """(FLOPs of one forward pass on one image, parameter count), counted by FlopCounterMode.
+
+    An Arch is built as a StaticNet on the meta device, so counting costs no real compute.
+    FLOPs are FlopCounterMode's: 2 per multiply-accumulate of the convs and the linear layer.
+    """
+    if isinstance(model_or_arch, Arch):
+        shape = shape or NetShape(image_size=image_size)
+        with torch.device("meta"):
+            model = StaticNet(model_or_arch, shape)
+    else:
+        model = model_or_arch
+    p = next(model.parameters())
+    x = torch.zeros(1, model.conv1.in_channels, image_size, image_size, device=p.device, dtype=p.dtype)
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        model.eval()(x)
+    return counter.get_total_flops(), sum(q.numel() for q in model.parameters())

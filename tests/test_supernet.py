@@ -1,0 +1,145 @@
+import json
+import random
+
+import pytest
+import torch
+from torchvision.models.resnet import BasicBlock as TVBasicBlock, ResNet
+
+import supernet as sn
+from conftest import CHALLENGE_JSON
+
+SMALL = sn.NetShape(image_size=16, in_channels=3, num_classes=7, width_mult=0.25, divisor=4)
+MIN_CODE = "12222" + "3" + "3333" + "00" * 3 + "3333" + "00" * 3 + "5555" + "00" * 6 + "7777" + "00" * 3
+LARGE_STEM = sn.NetShape(image_size=128, in_channels=3, num_classes=5, width_mult=0.125, divisor=4)
+
+
+def challenge_codes():
+    if not CHALLENGE_JSON.exists():
+        pytest.skip(f"the challenge's candidate file is absent ({CHALLENGE_JSON})")
+    return [v["arch"] for v in json.loads(CHALLENGE_JSON.read_text()).values()]
+
+
+@pytest.mark.parametrize("shape", [SMALL, LARGE_STEM], ids=["small-stem", "imagenet-stem"])
+def test_supernet_subnet_equals_extracted_static_net(shape):
+    torch.manual_seed(0)
+    net = sn.Supernet(shape)
+    rng = random.Random(1)
+    x = torch.randn(4, 3, shape.image_size, shape.image_size)
+    for _ in range(3):  # give BN running statistics non-trivial values for the eval-mode check
+        net.train()(x, sn.MAX_ARCH)
+    archs = [sn.MAX_ARCH, sn.decode(MIN_CODE)]
+    archs += [sn.sample_arch(rng) for _ in range(10)]
+    for arch in archs:
+        for train in (True, False):
+            net.train(train)
+            static = sn.extract_subnet(net, arch)
+            assert static.training == train
+            with torch.no_grad():
+                torch.testing.assert_close(net(x, arch), static(x), rtol=1e-5, atol=1e-5)
+
+
+def test_supernet_gradients_reach_only_the_sliced_weights():
+    net = sn.Supernet(SMALL)
+    arch = sn.decode("12222" + "3" + "3333" + "00" * 3 + "1313" + "00" * 3 + "1515" + "00" * 6 + "7676" + "00" * 3)
+    net(torch.randn(2, 3, 16, 16), arch).sum().backward()
+    stage4_block0 = net.stages[3][0].conv1.weight
+    mid = SMALL.ch(512, 7)
+    assert stage4_block0.grad[:mid].abs().sum() > 0
+    assert stage4_block0.grad[mid:].abs().sum() == 0
+    assert net.stages[3][2].conv1.weight.grad is None  # depth 2: block 3 never ran
+
+
+def test_round_trip_on_all_challenge_codes():
+    codes = challenge_codes()
+    assert len(codes) == 45000
+    for code in codes:
+        assert sn.encode(sn.decode(code)) == code
+        assert sn.encode(sn.decode(code[1:])) == code  # the 51-character form
+
+
+def test_challenge_codes_use_exactly_the_allowed_widths_per_stage():
+    used = [set() for _ in range(4)]
+    for code in challenge_codes()[:5000]:
+        a = sn.decode(code)
+        for s in range(4):
+            used[s].update(a.mids[s])
+            used[s].add(a.outs[s])
+    assert [tuple(sorted(u)) for u in used] == list(sn.WIDTH_CODES)
+
+
+def test_channel_table_at_width_mult_1():
+    table = {1: (64, 128, 256, 512), 2: (64, 120, 240, 488), 3: (56, 112, 232, 464), 4: (56, 112, 216, 432),
+             5: (48, 104, 208, 408), 6: (48, 96, 192, 384), 7: (48, 88, 176, 360)}
+    for code, row in table.items():
+        assert tuple(sn.channels(base, code) for base in sn.BASE_WIDTHS) == row
+
+
+GOOD = "1252233313000000223212122253130000000000006515000000"
+
+
+def with_char(code, pos, ch):
+    return code[:pos] + ch + code[pos + 1:]
+
+
+@pytest.mark.parametrize("code, position, words", [
+    (GOOD[:40], None, "length 40"),
+    (with_char(GOOD, 7, "x"), "position 7", "not a digit"),
+    (with_char(GOOD, 0, "2"), "position 0", "image-size"),
+    (with_char(GOOD, 1, "1"), "position 1", "stage 1 depth 1 is outside 2..5"),
+    (with_char(GOOD, 3, "9"), "position 3", "stage 3 depth 9 is outside 2..8"),
+    (with_char(GOOD, 5, "4"), "position 5", "stem width code 4"),
+    (with_char(GOOD, 8, "0"), "position 8", "present (depth 2) but has width code 0"),
+    (with_char(GOOD, 10, "1"), "position 10", "absent (depth 2) but is '10'"),
+    (with_char(GOOD, 16, "5"), "position 16", "width code 5 is not allowed in stage 2"),
+    (with_char(GOOD, 43, "2"), "position 45", "stage 4 block 2 conv2 code 5 differs from block 1's conv2 code 2"),
+    (with_char(GOOD, 45, "4"), "position 45", "residual tying: stage 4 block 2 conv2 code 4 differs"),
+    (with_char(GOOD, 7, "2"), "position 7", "differs from the stem's code 3"),
+    (with_char(GOOD, 7, "2")[1:], "position 6", "residual tying"),  # 51-character form: positions as given
+])
+def test_malformed_codes_are_refused_naming_position_and_rule(code, position, words):
+    with pytest.raises(ValueError) as e:
+        sn.decode(code)
+    if position:
+        assert str(e.value).startswith(position + ":")
+    assert words in str(e.value)
+
+
+def test_max_arch_matches_torchvision_resnet_params_and_flops():
+    with torch.device("meta"):
+        reference = ResNet(TVBasicBlock, [5, 5, 8, 5])
+    assert sn.count_flops_params(sn.MAX_ARCH, 224) == sn.count_flops_params(reference, 224)
+    net = sn.extract_subnet(sn.Supernet(), sn.MAX_ARCH)
+    assert sum(p.numel() for p in net.parameters()) == sum(p.numel() for p in reference.parameters())
+
+
+def test_sampler_stays_inside_its_space_and_reaches_every_value():
+    depth_ranges = ((4, 5), (3, 5), (2, 8), (2, 3))
+    width_codes = ((1, 2), (1, 3), (2, 4, 5), (7,))
+    rng = random.Random(0)
+    seen_depths, seen_widths = [set() for _ in range(4)], [set() for _ in range(4)]
+    for _ in range(3000):
+        a = sn.sample_arch(rng, depth_ranges, width_codes)
+        assert sn.decode(sn.encode(a)) == a
+        for s in range(4):
+            seen_depths[s].add(a.depths[s])
+            assert len(a.mids[s]) == a.depths[s]
+            seen_widths[s].update(a.mids[s] + (a.outs[s],))
+    assert [tuple(sorted(d)) for d in seen_depths] == [tuple(range(lo, hi + 1)) for lo, hi in depth_ranges]
+    assert [tuple(sorted(w)) for w in seen_widths] == list(width_codes)
+
+
+def test_distance_examples_by_hand():
+    big = sn.MAX_ARCH
+    assert sn.distance(big, big) == 0
+    # stage 4 one block shallower: that slot's '11' reads as 99
+    shallower = sn.decode(sn.MAX_CODE[:4] + "4" + sn.MAX_CODE[5:50] + "00")
+    assert sn.distance(big, shallower) == 16
+    # stem 1 -> 3 moves the stem and, by tying, stage 1's five conv2 codes: 6 layers x 2
+    code = list(sn.MAX_CODE)
+    code[5] = "3"
+    for b in range(5):
+        code[7 + 2 * b] = "3"
+    assert sn.distance(big, sn.decode("".join(code))) == 12
+    a = sn.decode(GOOD)
+    assert sn.distance(a, big) == sn.distance(big, a) == sum(
+        abs((int(c) or 9) - 1) for c in GOOD[5:])
