@@ -19,6 +19,7 @@ network, which must compute exactly what the supernet computes for that arch.
 
 import random
 from dataclasses import dataclass
+from functools import lru_cache
 
 import torch
 import torch.nn as nn
@@ -153,9 +154,10 @@ def sample_arch(rng: random.Random, depth_ranges=DEPTH_RANGES, width_codes=WIDTH
     return Arch(depths, outs, mids)
 
 
-def layer_codes(arch: Arch) -> list[int]:
+@lru_cache(maxsize=65536)
+def layer_codes(arch: Arch) -> tuple[int, ...]:
     """The stem code and the 46 block codes, '0' read as 9: the vector Eq. 2 compares."""
-    return [int(c) or ABSENT_AS for c in encode(arch)[5:]]
+    return tuple(int(c) or ABSENT_AS for c in encode(arch)[5:])
 
 
 def distance(a: Arch, b: Arch) -> int:

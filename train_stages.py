@@ -1,0 +1,757 @@
+"""Supernet training: data, the K-path step, every stage of the paper, checkpoints and the event log.
+
+The pipeline of "Improving the Rank Consistency of One-Shot NAS" (APS/CPT/SSE):
+
+    warmup      train the largest net alone (the challenge handed out a pretrained ResNet-48;
+                we make our own). It is also the distillation teacher of SSE.
+    aps_depth   Adapted Progressive Shrinking of depth, 3 phases (Sec. 2.2, 3.2)
+    aps_width   APS of width, 3 phases (Sec. 3.2)
+    cpt         Candidate Plasticity Training with an NSAS constraint pool (Sec. 2.4, 3.3)
+    sse34/sse4  Sub-supernet Enhancing with distillation (Sec. 2.3, 3.4)
+
+and the baselines: spos (uniform single path) and ps_depth/ps_width (uniform shrinking).
+Every phase restarts its learning rate, warms up linearly and decays by cosine to 0.
+Epochs and learning rates are the paper's; a preset scales all epochs by one factor and all
+learning rates by another, so the ratios between phases stay the paper's.
+"""
+
+import gzip
+import math
+import os
+import random
+import signal
+import struct
+import time
+from collections import deque
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+import supernet as sn
+
+# ---------------------------------------------------------------- presets
+
+
+@dataclass(frozen=True)
+class Preset:
+    """Everything a run's numbers depend on. Epochs and lrs of the stages are the paper's,
+    multiplied by `epoch_scale` and `lr_scale`."""
+
+    name: str
+    dataset: str                  # fashion-mnist | cifar10 | cifar100 | imagenet
+    image_size: int
+    in_channels: int
+    num_classes: int
+    width_mult: float
+    divisor: int
+    batch_size: int
+    epoch_scale: float            # one paper epoch = this many epochs of our training set
+    lr_scale: float               # paper lrs (0.001..0.004, fine-tuning a pretrained net) x this
+    warmup_epochs: float          # full-net warm-up, in our epochs (no paper counterpart)
+    warmup_lr: float
+    train_subset: int = 0         # 0: the whole training split
+    eval_subset: int = 0          # held-out images per subnet evaluation (0: all)
+    calib_batches: int = 50       # BN recalibration: batches x batch size (paper: 50 x 256)
+    calib_batch_size: int = 256
+    gt_epochs: float = 10.0       # stand-alone ground-truth recipe
+    gt_lr: float = 0.1
+    gt_n: int = 50                # ground-truth archs
+    gt_twice: int = 10            # of which trained with a second seed (noise ceiling)
+    probe_every: int = 200        # steps between running rank probes (0: phase ends only)
+    probe_calib_batches: int = 4
+    probe_eval_images: int = 1000
+    log_every: int = 20
+    checkpoint_every: int = 500
+
+    @property
+    def shape(self) -> sn.NetShape:
+        return sn.NetShape(self.image_size, self.in_channels, self.num_classes, self.width_mult, self.divisor)
+
+
+# ---------------------------------------------------------------- data
+
+FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
+FASHION_MNIST_FILES = ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz",
+                       "t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+class DataError(Exception):
+    """A dataset that cannot be had; the message says how to get it."""
+
+
+def _mix(*numbers: int) -> int:
+    """One 63-bit seed from several integers, so every (run, phase, step) has its own stream."""
+    h = 0x9E3779B97F4A7C15
+    for n in numbers:
+        h = (h * 0x100000001B3 ^ (n & 0xFFFFFFFFFFFFFFFF)) & 0x7FFFFFFFFFFFFFFF
+    return h
+
+
+def _read_idx_gz(path: Path) -> torch.Tensor:
+    """An IDX file (the MNIST format): magic with the number of dims in byte 3, big-endian sizes, bytes."""
+    raw = gzip.open(path).read()
+    ndim = raw[3]
+    dims = struct.unpack(f">{ndim}I", raw[4:4 + 4 * ndim])
+    return torch.frombuffer(bytearray(raw[4 + 4 * ndim:]), dtype=torch.uint8).reshape(dims)
+
+
+def _fashion_mnist(data_dir: Path | None):
+    for d in [data_dir, FASHION_MNIST_DIR, data_dir and data_dir / "FashionMNIST" / "raw"]:
+        if d and all((d / f).exists() for f in FASHION_MNIST_FILES):
+            xs = [_read_idx_gz(d / f) for f in FASHION_MNIST_FILES]
+            return xs[0][:, None], xs[1].long(), xs[2][:, None], xs[3].long()
+    raise DataError("Fashion-MNIST not found: install it with `apt-get install -y dataset-fashion-mnist` "
+                    f"(files in {FASHION_MNIST_DIR}) or pass --data-dir holding the four .gz files")
+
+
+def _cifar(name: str, data_dir: Path | None):
+    import torchvision
+    cls = torchvision.datasets.CIFAR10 if name == "cifar10" else torchvision.datasets.CIFAR100
+    root = data_dir or Path("data")
+    try:
+        train, test = (cls(str(root), train=t, download=True) for t in (True, False))
+    except Exception as e:  # torchvision raises URLError, RuntimeError or OSError when offline
+        raise DataError(f"{name} could not be loaded from {root} or downloaded ({type(e).__name__}); "
+                        "put the dataset there with --data-dir, or use --preset tiny (Fashion-MNIST, offline)")
+
+    def nchw(ds):
+        return torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous(), torch.tensor(ds.targets)
+    return (*nchw(train), *nchw(test))
+
+
+class TensorData:
+    """A small dataset kept whole on the training device as uint8, augmented there in batches
+    (random crop with zero padding, horizontal flip): no per-image DataLoader work.
+
+    Every batch is a pure function of (key, step), so a resumed run sees the same batches.
+    """
+
+    def __init__(self, name: str, train_x, train_y, test_x, test_y, device, pad: int):
+        self.name, self.device, self.pad = name, torch.device(device), pad
+        self.train_x, self.train_y = train_x.to(self.device), train_y.to(self.device)
+        self.test_x, self.test_y = test_x.to(self.device), test_y.to(self.device)
+        pixels = train_x[:10000].float().div(255).transpose(0, 1).flatten(1)
+        self.mean = pixels.mean(1).view(1, -1, 1, 1).to(self.device)
+        self.std = pixels.std(1).view(1, -1, 1, 1).to(self.device)
+        self.train_size = len(self.train_y)
+        self._perm_key, self._perm = None, None
+
+    def normalize(self, x: torch.Tensor) -> torch.Tensor:
+        x = (x.float().div_(255) - self.mean) / self.std
+        return x.contiguous(memory_format=torch.channels_last) if x.is_cuda else x
+
+    def train_batch(self, key: int, step: int, batch_size: int, augment: bool = True):
+        n = len(self.train_y)
+        epoch, i = divmod(step, max(1, n // batch_size))
+        if self._perm_key != (key, epoch):
+            g = torch.Generator().manual_seed(_mix(key, epoch))
+            self._perm_key, self._perm = (key, epoch), torch.randperm(n, generator=g).to(self.device)
+        idx = self._perm[i * batch_size:(i + 1) * batch_size]
+        x = self.train_x[idx]
+        if augment:
+            x = self.augment(x, torch.Generator().manual_seed(_mix(key, epoch, i, 1)))
+        return self.normalize(x), self.train_y[idx]
+
+    def augment(self, x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+        b, c, h, w = x.shape
+        dev, p = x.device, self.pad
+        oy = torch.randint(0, 2 * p + 1, (b, 1), generator=g).to(dev, non_blocking=True)
+        ox = torch.randint(0, 2 * p + 1, (b, 1), generator=g).to(dev, non_blocking=True)
+        flip = (torch.rand(b, 1, generator=g) < 0.5).to(dev, non_blocking=True)
+        rows = oy + torch.arange(h, device=dev)
+        cols = ox + torch.arange(w, device=dev)
+        cols = torch.where(flip, cols.flip(1), cols)
+        xp = F.pad(x, (p, p, p, p))
+        return xp[torch.arange(b, device=dev)[:, None, None, None], torch.arange(c, device=dev)[None, :, None, None],
+                  rows[:, None, :, None], cols[:, None, None, :]]
+
+    def calib_batches(self, n_batches: int, batch_size: int, seed: int):
+        """A fixed, seeded subset of training images, un-augmented, for BN recalibration."""
+        g = torch.Generator().manual_seed(_mix(seed, 7))
+        idx = torch.randperm(len(self.train_y), generator=g)[:n_batches * batch_size].to(self.device)
+        return [self.normalize(self.train_x[j]) for j in idx.split(batch_size)]
+
+    def eval_batches(self, limit: int, batch_size: int):
+        n = len(self.test_y) if limit <= 0 else min(limit, len(self.test_y))
+        return [(self.normalize(self.test_x[i:i + batch_size]), self.test_y[i:i + batch_size])
+                for i in range(0, n, batch_size)]
+
+
+class FolderData:
+    """ImageNet-style folders (`train/`, `val/` of class sub-folders) through torchvision's
+    ImageFolder and a DataLoader with workers: too large to keep on the device."""
+
+    def __init__(self, root: Path, image_size: int, device, workers: int = 8):
+        import torchvision.transforms as T
+        from torchvision.datasets import ImageFolder
+        if not (root / "train").is_dir() or not (root / "val").is_dir():
+            raise DataError(f"ImageNet folder {root} must hold train/ and val/ with one sub-folder per class")
+        norm = T.Normalize(IMAGENET_MEAN, IMAGENET_STD)
+        self.name, self.device, self.workers = "imagenet", torch.device(device), workers
+        self.train = ImageFolder(str(root / "train"), T.Compose(
+            [T.RandomResizedCrop(image_size), T.RandomHorizontalFlip(), T.ToTensor(), norm]))
+        self.plain = ImageFolder(str(root / "train"), T.Compose(
+            [T.Resize(image_size * 8 // 7), T.CenterCrop(image_size), T.ToTensor(), norm]))
+        self.val = ImageFolder(str(root / "val"), self.plain.transform)
+        self.train_size = len(self.train)
+        self._iter_key, self._iter = None, None
+
+    def _loader(self, dataset, indices, batch_size):
+        subset = torch.utils.data.Subset(dataset, indices)
+        return torch.utils.data.DataLoader(subset, batch_size, num_workers=self.workers, drop_last=False,
+                                           pin_memory=self.device.type == "cuda", persistent_workers=False)
+
+    def _to_device(self, x, y):
+        x = x.to(self.device, non_blocking=True)
+        x = x.contiguous(memory_format=torch.channels_last) if x.is_cuda else x
+        return x, y.to(self.device, non_blocking=True)
+
+    def train_batch(self, key: int, step: int, batch_size: int, augment: bool = True):
+        per_epoch = max(1, len(self.train) // batch_size)
+        epoch, i = divmod(step, per_epoch)
+        if self._iter_key != (key, epoch, i):  # a fresh epoch, or a resume in the middle of one
+            g = torch.Generator().manual_seed(_mix(key, epoch))
+            perm = torch.randperm(len(self.train), generator=g)[i * batch_size:per_epoch * batch_size].tolist()
+            self._iter = iter(self._loader(self.train if augment else self.plain, perm, batch_size))
+        self._iter_key = (key, epoch, i + 1)
+        return self._to_device(*next(self._iter))
+
+    def calib_batches(self, n_batches: int, batch_size: int, seed: int):
+        g = torch.Generator().manual_seed(_mix(seed, 7))
+        idx = torch.randperm(len(self.plain), generator=g)[:n_batches * batch_size].tolist()
+        return [self._to_device(x, y)[0] for x, y in self._loader(self.plain, idx, batch_size)]
+
+    def eval_batches(self, limit: int, batch_size: int):
+        n = len(self.val) if limit <= 0 else min(limit, len(self.val))
+        return [self._to_device(x, y) for x, y in self._loader(self.val, list(range(n)), batch_size)]
+
+
+def load_data(preset: Preset, device, data_dir: Path | None = None, seed: int = 0):
+    """The preset's dataset on `device`; DataError with the way to get it when it is missing."""
+    if preset.dataset == "imagenet":
+        if data_dir is None:
+            raise DataError("the paper preset needs ImageNet: pass --data-dir holding train/ and val/")
+        return FolderData(data_dir, preset.image_size, device)
+    if preset.dataset == "fashion-mnist":
+        tx, ty, vx, vy = _fashion_mnist(data_dir)
+        pad = 2
+    elif preset.dataset in ("cifar10", "cifar100"):
+        tx, ty, vx, vy = _cifar(preset.dataset, data_dir)
+        pad = 4
+    else:
+        raise DataError(f"unknown dataset {preset.dataset!r}")
+    if preset.train_subset:
+        keep = torch.randperm(len(ty), generator=torch.Generator().manual_seed(_mix(seed, 3)))[:preset.train_subset]
+        tx, ty = tx[keep], ty[keep]
+    return TensorData(preset.dataset, tx, ty, vx, vy, device, pad)
+
+
+# ---------------------------------------------------------------- sampling spaces and phases
+
+FULL_DEPTHS = sn.DEPTH_RANGES
+MAX_ONLY = tuple((d, d) for d in sn.MAX_DEPTHS)
+WIDEST = ((1,),) * 4
+
+
+@dataclass(frozen=True)
+class Phase:
+    """One stretch of training with one sampling space and one learning-rate schedule."""
+
+    stage: str
+    name: str
+    epochs: float                 # the paper's epochs (scaled by the preset)
+    lr: float                     # the paper's initial lr (scaled by the preset)
+    k: int                        # archs sampled per step
+    depths: tuple = FULL_DEPTHS   # (lo, hi) per stage
+    widths: tuple = sn.WIDTH_CODES
+    sub: int | None = None        # SSE: the sub-supernet this phase trains
+
+    def space(self) -> dict:
+        return {"depths": [list(r) for r in self.depths], "widths": [list(w) for w in self.widths]}
+
+
+APS_DEPTH = {  # Sec. 3.2: (epochs, lr, D1..D4 ranges); v2 and v3 change stage 4 only
+    "v1": [(5, 0.001, ((4, 5), (4, 5), (6, 8), (4, 5))),
+           (10, 0.002, ((3, 5), (3, 5), (4, 8), (3, 5))),
+           (15, 0.004, ((2, 5), (2, 5), (2, 8), (2, 5)))],
+}
+APS_DEPTH["v2"] = [APS_DEPTH["v1"][0], (10, 0.002, ((3, 5), (3, 5), (4, 8), (2, 5))), APS_DEPTH["v1"][2]]
+APS_DEPTH["v3"] = [(5, 0.001, ((4, 5), (4, 5), (6, 8), (2, 5))), APS_DEPTH["v2"][1], APS_DEPTH["v1"][2]]
+APS_WIDTH = [(5, 0.001, ((1, 2, 3),) * 4),  # Sec. 3.2: stem+S1, S2, S3, S4 allowed codes
+             (10, 0.002, ((1, 2, 3), (1, 2, 3), (1, 2, 3, 4, 5), (1, 2, 3, 4, 5))),
+             (25, 0.004, sn.WIDTH_CODES)]
+# SSE regions as (stage-3 depth, stage-4 depth) pairs (Sec. 2.3, 3.4); the last group of each is
+# the untouched shared copy, owner of every pair not listed before it.
+SSE34 = [{(2, 2), (2, 3), (2, 4)},
+         {(d3, 2) for d3 in range(3, 9)},
+         {(8, 3), (8, 4), (8, 5)},
+         {(d3, 5) for d3 in range(2, 8)}]
+SSE34_EPOCHS = (6, 9, 6, 9)
+SSE4 = [{(d3, 2) for d3 in range(2, 9)}, {(d3, 5) for d3 in range(2, 9)}]
+SSE4_EPOCHS = (9, 9)  # our reading: the paper gives no SSE4 epochs; we give both groups SSE34's longer length
+SSE_LR = 0.003
+STAGES = ("warmup", "spos", "ps_depth", "ps_width", "aps_depth", "aps_width", "cpt", "sse4", "sse34")
+METHODS = {"full": ("warmup", "aps_depth", "aps_width", "cpt", "sse34"),
+           "spos": ("warmup", "spos"),
+           "ps": ("warmup", "ps_depth", "ps_width"),
+           "pinas": ("pinas",),
+           "pinas+full": ("pinas", "warmup", "aps_depth", "aps_width", "cpt", "sse34")}
+
+
+def sse_groups(stage: str):
+    return (SSE34, SSE34_EPOCHS) if stage == "sse34" else (SSE4, SSE4_EPOCHS)
+
+
+def sse_owner(arch: sn.Arch, stage: str) -> int:
+    """The sub-supernet that owns `arch`: the first region holding its (d3, d4), else the shared copy."""
+    groups, _ = sse_groups(stage)
+    pair = (arch.depths[2], arch.depths[3])
+    return next((i for i, g in enumerate(groups) if pair in g), len(groups))
+
+
+def stage_phases(stage: str, preset: Preset, aps: str = "v3") -> list[Phase]:
+    """The phases of one stage with the paper's epochs, lrs, K and sampling spaces (SPEC §4)."""
+    if stage == "warmup":
+        return [Phase(stage, "warmup", preset.warmup_epochs / preset.epoch_scale,
+                      preset.warmup_lr / preset.lr_scale, 1, MAX_ONLY, WIDEST)]
+    if stage == "aps_depth":
+        return [Phase(stage, f"aps_depth_{aps}/{i + 1}", e, lr, 4, d, WIDEST)
+                for i, (e, lr, d) in enumerate(APS_DEPTH[aps])]
+    if stage == "ps_depth":  # our reading of uniform PS: every lower bound drops alike, max-1, max-2, 2
+        bounds = [lambda m: m - 1, lambda m: m - 2, lambda m: 2]
+        return [Phase(stage, f"ps_depth/{i + 1}", e, lr, 4, tuple((b(m), m) for m in sn.MAX_DEPTHS), WIDEST)
+                for i, ((e, lr, _), b) in enumerate(zip(APS_DEPTH["v1"], bounds))]
+    if stage in ("aps_width", "ps_width"):
+        return [Phase(stage, f"{stage}/{i + 1}", e, lr, 4, FULL_DEPTHS, w) for i, (e, lr, w) in enumerate(APS_WIDTH)]
+    if stage == "spos":  # the same budget in epochs as APS depth + width, one path per step
+        total = sum(e for e, _, _ in APS_DEPTH["v1"]) + sum(e for e, _, _ in APS_WIDTH)
+        return [Phase(stage, "spos", total, 0.004, 1)]
+    if stage == "cpt":
+        return [Phase(stage, "cpt", 30, 0.001, 1)]
+    if stage in ("sse4", "sse34"):
+        _, epochs = sse_groups(stage)
+        return [Phase(stage, f"{stage}/{i}", e, SSE_LR, 1, sub=i) for i, e in enumerate(epochs)]
+    if stage == "pinas":
+        return [Phase(stage, "pinas", 40, 0.0, 1)]
+    raise ValueError(f"unknown stage {stage!r}; stages are {', '.join(STAGES)}")
+
+
+def phase_steps(phase: Phase, preset: Preset, train_size: int) -> int:
+    return max(1, round(phase.epochs * preset.epoch_scale * train_size / preset.batch_size))
+
+
+def lr_at(step: int, steps: int, base: float) -> float:
+    """Linear warm-up over the first 5% of the phase, then cosine decay to 0."""
+    warm = max(1, steps // 20)
+    if step < warm:
+        return base * (step + 1) / warm
+    return base * 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, steps - warm)))
+
+
+# ---------------------------------------------------------------- the constraint pool (CPT)
+
+class ConstraintPool:
+    """NSAS's constraint pool with the paper's Eq.-2 distance (Sec. 2.4, 3.3).
+
+    Novelty of an arch = mean Eq.-2 distance to its `k` nearest pool members. While the pool is not
+    full, the most novel recent arch joins it. Once full, each step looks at the member nearest
+    to the current sample (the one its update would disturb most); if some recent arch is more
+    novel with respect to the rest of the pool than that member is, it takes that member's place.
+    """
+
+    def __init__(self, size: int = 10, recent: int = 100, k: int = 10):
+        self.size, self.k = size, k
+        self.members: list[sn.Arch] = []
+        self.recent: deque[sn.Arch] = deque(maxlen=recent)
+
+    def novelties(self, archs: list[sn.Arch], others: list[sn.Arch]) -> torch.Tensor:
+        if not others:
+            return torch.full((len(archs),), math.inf)
+        d = torch.cdist(_code_matrix(archs), _code_matrix(others), p=1)
+        return d.topk(min(self.k, len(others)), dim=1, largest=False).values.mean(1)
+
+    def update(self, sampled: sn.Arch) -> None:
+        self.recent.append(sampled)
+        candidates = [a for a in dict.fromkeys(self.recent) if a not in self.members]
+        if not candidates:
+            return
+        if len(self.members) < self.size:
+            self.members.append(candidates[int(self.novelties(candidates, self.members).argmax())])
+            return
+        nearest = min(range(self.size), key=lambda i: sn.distance(self.members[i], sampled))
+        rest = self.members[:nearest] + self.members[nearest + 1:]
+        scores = self.novelties(candidates + [self.members[nearest]], rest)
+        best = int(scores[:-1].argmax())
+        if scores[best] > scores[-1]:
+            self.members[nearest] = candidates[best]
+
+    def stats(self) -> dict:
+        d = [sn.distance(a, b) for i, a in enumerate(self.members) for b in self.members[i + 1:]]
+        nov = [float(self.novelties([m], self.members[:i] + self.members[i + 1:])[0])
+               for i, m in enumerate(self.members)] if len(self.members) > 1 else []
+        return {"size": len(self.members), "mean_dist": _mean(d), "min_dist": min(d, default=0),
+                "novelty": _mean(nov), "archs": [sn.encode(a) for a in self.members]}
+
+    def state(self) -> dict:
+        return {"members": [sn.encode(a) for a in self.members], "recent": [sn.encode(a) for a in self.recent]}
+
+    def load(self, state: dict) -> None:
+        self.members = [sn.decode(c) for c in state["members"]]
+        self.recent.clear()
+        self.recent.extend(sn.decode(c) for c in state["recent"])
+
+
+def _code_matrix(archs: list[sn.Arch]) -> torch.Tensor:
+    return torch.tensor([sn.layer_codes(a) for a in archs], dtype=torch.float32)
+
+
+def _mean(xs) -> float:
+    xs = list(xs)
+    return sum(xs) / len(xs) if xs else 0.0
+
+
+# ---------------------------------------------------------------- the run's state and its log
+
+class EventLog:
+    """`events.jsonl`: one JSON object per line, flushed at once, the contract with the TUI."""
+
+    def __init__(self, path: Path | None):
+        self.path = path
+        self.file = open(path, "a", encoding="utf-8") if path else None
+
+    def __call__(self, event: str, **fields) -> dict:
+        import json
+        record = {"time": time.time(), "event": event, **fields}
+        if self.file:
+            self.file.write(json.dumps(record) + "\n")
+            self.file.flush()
+        return record
+
+
+class TrainingError(Exception):
+    """Training cannot go on (a non-finite loss, a refused checkpoint); the message says where."""
+
+
+class Stopped(Exception):
+    """Ctrl-C: a checkpoint was written and the run can be resumed."""
+
+
+@dataclass
+class TrainState:
+    """Everything a checkpoint holds: weights, optimizer, position, RNG, pool, SSE copies."""
+
+    preset: Preset
+    stages: tuple
+    seed: int
+    aps: str = "v3"
+    kd: bool = True
+    net: sn.Supernet = None
+    optimizer: torch.optim.Optimizer = None
+    phase_index: int = 0          # into the flat list of all stages' phases
+    step: int = 0                 # within that phase
+    rng: random.Random = None
+    pool: ConstraintPool = field(default_factory=ConstraintPool)
+    teacher: dict | None = None   # the warm-up's full net: SSE's distillation teacher
+    subnets: dict = field(default_factory=dict)  # SSE sub-supernet index -> weights
+    current_sub: int | None = None
+    cpt_pool: list = field(default_factory=list)  # SSE: the CPT pool each sub-supernet starts from
+    pinas: dict | None = None     # Π-NAS: EMA teacher, projectors and queue (see pinas_state)
+    stop_requested: bool = False
+
+    def config(self) -> dict:
+        return {"preset": asdict(self.preset), "stages": list(self.stages), "seed": self.seed,
+                "aps": self.aps, "kd": self.kd}
+
+    def phases(self) -> list[Phase]:
+        return [p for s in self.stages for p in stage_phases(s, self.preset, self.aps)]
+
+
+def new_state(preset: Preset, stages, seed: int, device, aps: str = "v3", kd: bool = True) -> TrainState:
+    torch.manual_seed(seed)
+    net = sn.Supernet(preset.shape).to(device)
+    if torch.device(device).type == "cuda":
+        net = net.to(memory_format=torch.channels_last)
+    return TrainState(preset, tuple(stages), seed, aps, kd, net, rng=random.Random(seed))
+
+
+def make_optimizer(net, lr: float) -> torch.optim.SGD:
+    return torch.optim.SGD(net.parameters(), lr=lr, momentum=0.9, weight_decay=3e-5)
+
+
+def save_checkpoint(st: TrainState, path: Path) -> None:
+    """Atomic: written to a temp file, then renamed over the old one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    blob = {"config": st.config(), "phase_index": st.phase_index, "step": st.step,
+            "net": st.net.state_dict(), "optimizer": st.optimizer.state_dict() if st.optimizer else None,
+            "rng": st.rng.getstate(), "pool": st.pool.state(), "teacher": st.teacher,
+            "subnets": st.subnets, "current_sub": st.current_sub, "cpt_pool": st.cpt_pool, "pinas": st.pinas}
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(blob, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(st: TrainState, path: Path) -> None:
+    """Restore `st` from `path`; TrainingError when it is unreadable or from another config."""
+    try:
+        blob = torch.load(path, map_location=st.net.fc.weight.device, weights_only=True)
+        config = blob["config"]
+    except Exception as e:
+        raise TrainingError(f"checkpoint {path} cannot be read ({type(e).__name__}): it is damaged or not ours")
+    if config != st.config():
+        diff = sorted(k for k in config.keys() | st.config().keys() if config.get(k) != st.config().get(k))
+        raise TrainingError(f"checkpoint {path} was made with a different config ({', '.join(diff)}); "
+                            "resume with the same options or start a new --run")
+    st.net.load_state_dict(blob["net"])
+    st.phase_index, st.step = blob["phase_index"], blob["step"]
+    st.rng.setstate(_as_tuple(blob["rng"]))
+    st.pool.load(blob["pool"])
+    st.teacher, st.subnets, st.current_sub = blob["teacher"], blob["subnets"], blob["current_sub"]
+    st.cpt_pool, st.pinas = blob["cpt_pool"], blob["pinas"]
+    if blob["optimizer"] is not None:
+        st.optimizer = make_optimizer(st.net, 0.0)
+        st.optimizer.load_state_dict(blob["optimizer"])
+
+
+def _as_tuple(x):
+    return tuple(_as_tuple(v) for v in x) if isinstance(x, (list, tuple)) else x
+
+
+# ---------------------------------------------------------------- losses of one step
+
+def autocast(device):
+    return torch.autocast("cuda", torch.bfloat16, enabled=torch.device(device).type == "cuda")
+
+
+def ce_step(st: TrainState, archs, x, y, weight: float = 1.0) -> list[torch.Tensor]:
+    """The primitive: forward + backward of each arch on the same batch, gradients accumulate."""
+    losses = []
+    for arch in archs:
+        with autocast(x.device):
+            loss = F.cross_entropy(st.net(x, arch), y)
+        (loss * weight).backward()
+        losses.append(loss.detach())
+    return losses
+
+
+def sample_in(st: TrainState, phase: Phase) -> sn.Arch:
+    if phase.sub is not None:  # SSE: only inside the sub-supernet's region of (d3, d4)
+        groups, _ = sse_groups(phase.stage)
+        d3, d4 = st.rng.choice(sorted(groups[phase.sub]))
+        return sn.sample_arch(st.rng, FULL_DEPTHS[:2] + ((d3, d3), (d4, d4)), phase.widths)
+    return sn.sample_arch(st.rng, phase.depths, phase.widths)
+
+
+def sampled_step(st: TrainState, phase: Phase, x, y):
+    """SPOS, PS and APS (Sec. 2.1, 2.2, Eq. 1): K archs from the phase's space, summed gradients."""
+    archs = [sample_in(st, phase) for _ in range(phase.k)]
+    return archs, ce_step(st, archs, x, y)
+
+
+def warmup_step(st: TrainState, phase: Phase, x, y):
+    """Full-net warm-up: the largest net alone (our stage; the challenge gave a pretrained one)."""
+    return [sn.MAX_ARCH], ce_step(st, [sn.MAX_ARCH], x, y)
+
+
+def cpt_step(st: TrainState, phase: Phase, x, y):
+    """Candidate Plasticity Training (Sec. 2.4, 3.3): 0.5 CE(sampled) + 0.5 mean CE(pool).
+
+    The pool losses backpropagate into the shared weights: that is what regularises the
+    update against forgetting the pool's archs (the NSAS demo detaches them; we do not).
+    """
+    arch = sample_in(st, phase)
+    st.pool.update(arch)
+    losses = ce_step(st, [arch], x, y, 0.5)
+    losses += ce_step(st, st.pool.members, x, y, 0.5 / len(st.pool.members))
+    return [arch] + st.pool.members, losses
+
+
+def sse_step(st: TrainState, phase: Phase, x, y, teacher):
+    """Sub-supernet Enhancing (Sec. 2.3, 3.4): 0.4 CE + 0.2 pool CE + 0.4 KD ("Dis").
+
+    Our readings: the pool term is the mean over the pool (as in CPT); each sub-supernet keeps
+    the CPT pool's members inside its region and goes on with NSAS's rule on its own samples;
+    KD is Hinton's KL(teacher || student) at temperature 1 with the warm-up's full net as
+    teacher. Without KD the weights are 0.6 CE + 0.4 pool CE (the paper does not say; we keep
+    the pool term's share of the CE).
+    """
+    arch = sample_in(st, phase)
+    st.pool.update(arch)
+    w_ce, w_pool = (0.4, 0.2) if teacher is not None else (0.6, 0.4)
+    with autocast(x.device):
+        logits = st.net(x, arch)
+        loss = F.cross_entropy(logits, y)
+        total = w_ce * loss
+        if teacher is not None:
+            with torch.no_grad():
+                target = F.softmax(teacher(x).float(), 1)
+            total = total + 0.4 * F.kl_div(F.log_softmax(logits.float(), 1), target, reduction="batchmean")
+    total.backward()
+    losses = [loss.detach()] + ce_step(st, st.pool.members, x, y, w_pool / len(st.pool.members))
+    return [arch] + st.pool.members, losses
+
+
+# ---------------------------------------------------------------- SSE weight copies
+
+def swap_sub(st: TrainState, sub: int | None) -> None:
+    """Make the supernet hold sub-supernet `sub`'s weights, storing the current one's first.
+
+    Weights are copied into the existing parameters, so optimizer references stay valid and
+    no module is ever deep-copied."""
+    if st.current_sub == sub:
+        return
+    if st.current_sub is not None:
+        st.subnets[st.current_sub] = {k: v.clone() for k, v in st.net.state_dict().items()}
+    if sub is not None:
+        st.net.load_state_dict(st.subnets[sub])
+    st.current_sub = sub
+
+
+def start_sse(st: TrainState, stage: str) -> None:
+    """Split: every sub-supernet (and the shared copy, the last index) starts from the CPT weights."""
+    groups, _ = sse_groups(stage)
+    st.subnets = {i: {k: v.clone() for k, v in st.net.state_dict().items()} for i in range(len(groups) + 1)}
+    st.current_sub = len(groups)
+    st.cpt_pool = [sn.encode(a) for a in st.pool.members]
+
+
+def _teacher_net(st: TrainState):
+    if not st.kd or st.teacher is None:
+        return None
+    net = sn.StaticNet(sn.MAX_ARCH, st.preset.shape).to(st.net.fc.weight.device)
+    net.load_state_dict(st.teacher)
+    return net.eval().requires_grad_(False)
+
+
+# ---------------------------------------------------------------- the loop
+
+def train(st: TrainState, data, run_dir: Path | None, log: EventLog, probe=None) -> TrainState:
+    """Run every phase of `st.stages` from the state's position; checkpoint as it goes.
+
+    `probe(st)` (optional) returns rank metrics of a probe set, logged as `rank` events every
+    `preset.probe_every` steps and at every phase end. Ctrl-C finishes the current step, writes
+    a checkpoint and raises Stopped; a second Ctrl-C interrupts at once.
+    """
+    phases = st.phases()
+    ckpt = run_dir / "checkpoints" / "last.pt" if run_dir else None
+    previous = signal.getsignal(signal.SIGINT)
+
+    def on_sigint(signum, frame):
+        if st.stop_requested:
+            raise KeyboardInterrupt
+        st.stop_requested = True
+    signal.signal(signal.SIGINT, on_sigint)
+    try:
+        while st.phase_index < len(phases):
+            phase = phases[st.phase_index]
+            first = st.phase_index == 0 or phases[st.phase_index - 1].stage != phase.stage
+            last = st.phase_index + 1 == len(phases) or phases[st.phase_index + 1].stage != phase.stage
+            if first and st.step == 0:
+                log("stage_start", stage=phase.stage)
+            run_phase(st, phase, data, log, ckpt, probe)
+            if phase.stage == "warmup":
+                st.teacher = {k: v.clone() for k, v in sn.extract_subnet(st.net, sn.MAX_ARCH).state_dict().items()}
+            if last and phase.sub is not None:
+                swap_sub(st, len(sse_groups(phase.stage)[0]))  # the net holds the shared copy between stages
+            st.phase_index, st.step, st.optimizer = st.phase_index + 1, 0, None
+            if ckpt:
+                save_checkpoint(st, ckpt)
+                if last:
+                    save_checkpoint(st, ckpt.with_name(f"{phase.stage}.pt"))
+                log("checkpoint", path=str(ckpt), stage=phase.stage, phase=phase.name, step=0)
+            if last:
+                log("stage_end", stage=phase.stage)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    return st
+
+
+def phase_step(st: TrainState, phase: Phase, data, key: int, teacher):
+    """One optimizer step's forward/backward work: (archs run, their losses, extra log fields)."""
+    if phase.stage == "pinas":
+        return pinas_step(st, phase, data, key)
+    x, y = data.train_batch(key, st.step, st.preset.batch_size)
+    if phase.sub is not None:
+        return *sse_step(st, phase, x, y, teacher), {}
+    step_fn = {"warmup": warmup_step, "cpt": cpt_step}.get(phase.stage, sampled_step)
+    return *step_fn(st, phase, x, y), {}
+
+
+def run_phase(st: TrainState, phase: Phase, data, log: EventLog, ckpt: Path | None, probe) -> None:
+    preset = st.preset
+    steps = phase_steps(phase, preset, data.train_size)
+    base_lr = phase.lr * preset.lr_scale
+    if phase.sub is not None:
+        if not st.subnets:
+            start_sse(st, phase.stage)
+        swap_sub(st, phase.sub)
+        if st.step == 0:  # each sub-supernet's pool starts from the CPT members inside its region
+            st.pool.members = [m for m in map(sn.decode, st.cpt_pool) if sse_owner(m, phase.stage) == phase.sub]
+    log("phase_start", stage=phase.stage, phase=phase.name, index=st.phase_index + 1, of=len(st.phases()),
+        steps=steps, lr=base_lr, k=phase.k, space=phase.space(), sub=phase.sub, resumed_at=st.step)
+    if st.optimizer is None:
+        st.optimizer = make_optimizer(st.net, base_lr)
+    teacher = _teacher_net(st) if phase.sub is not None else None
+    key = _mix(st.seed, st.phase_index)
+    pending, seen, loss = [], 0, None
+    t0 = started = time.perf_counter()
+    st.net.train()
+    while st.step < steps:
+        for group in st.optimizer.param_groups:
+            group["lr"] = lr_at(st.step, steps, base_lr)
+        st.optimizer.zero_grad(set_to_none=True)
+        archs, losses, extra = phase_step(st, phase, data, key, teacher)
+        st.optimizer.step()
+        st.step += 1
+        seen += preset.batch_size * len(archs)
+        pending.append((archs, torch.stack(losses)))
+        if st.step % preset.log_every == 0 or st.step == steps or st.stop_requested:
+            loss = check_finite(pending, phase, st.step)
+            log("progress", stage=phase.stage, phase=phase.name, step=st.step, steps=steps, loss=loss,
+                lr=st.optimizer.param_groups[0]["lr"], ips=seen / max(time.perf_counter() - t0, 1e-9),
+                epoch=st.step * preset.batch_size / data.train_size, **extra)
+            if phase.stage in ("cpt", "sse4", "sse34"):
+                log("pool", stage=phase.stage, step=st.step, **st.pool.stats())
+            pending, seen, t0 = [], 0, time.perf_counter()
+        if st.stop_requested:
+            if ckpt:
+                save_checkpoint(st, ckpt)
+                log("checkpoint", path=str(ckpt), stage=phase.stage, phase=phase.name, step=st.step)
+            raise Stopped(f"stopped in {phase.name} at step {st.step}/{steps}")
+        if ckpt and preset.checkpoint_every and st.step % preset.checkpoint_every == 0 and st.step < steps:
+            save_checkpoint(st, ckpt)
+            log("checkpoint", path=str(ckpt), stage=phase.stage, phase=phase.name, step=st.step)
+        if probe and preset.probe_every and st.step % preset.probe_every == 0 and st.step < steps:
+            log_probe(st, phase, probe, log)
+    if probe:
+        log_probe(st, phase, probe, log)
+    log("phase_end", stage=phase.stage, phase=phase.name, loss=loss, seconds=time.perf_counter() - started)
+
+
+def log_probe(st: TrainState, phase: Phase, probe, log: EventLog) -> None:
+    metrics = probe(st)
+    st.net.train()
+    if metrics:
+        log("rank", stage=phase.stage, phase=phase.name, step=st.step, **metrics)
+
+
+def check_finite(pending, phase: Phase, step: int) -> float:
+    """Mean loss since the last check; TrainingError naming stage and arch on NaN/inf.
+
+    Checked only every `log_every` steps, so the GPU is never made to wait in between.
+    """
+    losses = torch.cat([l.float() for _, l in pending])
+    if not torch.isfinite(losses).all():
+        for i, (archs, l) in enumerate(pending):
+            bad = (~torch.isfinite(l.float())).nonzero()
+            if len(bad):
+                at = step - len(pending) + i + 1
+                raise TrainingError(f"non-finite loss in stage {phase.stage} ({phase.name}, step {at}) "
+                                    f"for arch {sn.encode(archs[int(bad[0])])}")
+    return losses.mean().item()
+
+
+def pinas_step(st: TrainState, phase: Phase, data, key: int):
+    raise TrainingError("the pinas stage is not implemented yet")

@@ -1,0 +1,387 @@
+"""Live view of a training run: follows `runs/<name>/events.jsonl` and shows it in Textual.
+
+The event log is the only thing this module knows about the program (SPEC section 7): it
+imports nothing of ours, so it can attach to a run written by another process, or to one that
+has finished. The log may still be being written, may hold events this version does not know,
+and old events may lack fields, so every field is read with `.get` and formatted defensively.
+
+With `process` given the UI owns the training subprocess: `q` asks once more, then sends SIGINT
+(the trainer saves a checkpoint and writes an `end` event) and waits for it to exit.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+from textual.app import App, ComposeResult
+from textual.containers import Horizontal, Vertical
+from textual.widgets import DataTable, Footer, Log, ProgressBar, Sparkline, Static
+
+POLL_SECONDS = 0.5
+CONFIRM_SECONDS = 5.0
+QUIET_SECONDS = 60.0  # a run this long without events is maybe not running any more: say so
+END_WORDS = {"done": "finished", "interrupted": "interrupted", "failed": "failed"}
+CONFIRM_TEXT = "press q again to stop training (saves a checkpoint)"
+
+
+def _is_num(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _finite(value) -> bool:
+    """Fit for a chart or a progress bar (JSON can carry NaN and Infinity)."""
+    return _is_num(value) and math.isfinite(value)
+
+
+def _num(value, spec: str) -> str:
+    """A number formatted with `spec`, or '-' when the field is missing or not a number."""
+    return format(value, spec) if _is_num(value) else "-"
+
+
+def _clock(t) -> str:
+    return time.strftime("%H:%M:%S", time.localtime(t)) if _finite(t) else "--:--:--"
+
+
+def _ago(seconds: float) -> str:
+    for unit, size in (("d", 86400), ("h", 3600), ("min", 60)):
+        if seconds >= size:
+            return f"{seconds / size:.0f} {unit}"
+    return f"{seconds:.0f} s"
+
+
+def _codes(codes) -> str:
+    """Allowed width codes of one stage: [1, 2, 3] -> '1-3' (contiguous is the usual case)."""
+    nums = sorted(int(c) for c in codes)
+    if len(nums) > 1 and nums == list(range(nums[0], nums[-1] + 1)):
+        return f"{nums[0]}-{nums[-1]}"
+    return ",".join(map(str, nums))
+
+
+def format_space(space) -> list[str]:
+    """The sampling space as two compact lines: depth ranges and width codes per stage."""
+    if not isinstance(space, dict):
+        return []
+    depths = "".join(f"[{lo},{hi}]" for lo, hi in space.get("depths") or [])
+    widths = "|".join(_codes(w) for w in space.get("widths") or [])
+    return [f"D {depths}", f"W {widths}"]
+
+
+class EventTail:
+    """Returns the complete lines appended to a JSONL file since the previous read."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.offset = 0
+        self.partial = b""  # a last line still being written, kept until its newline arrives
+        self.bad_lines = 0
+
+    def read(self) -> list[dict]:
+        try:
+            with self.path.open("rb") as f:
+                if os.fstat(f.fileno()).st_size < self.offset:  # the log was rewritten: start over
+                    self.offset, self.partial = 0, b""
+                f.seek(self.offset)
+                chunk = f.read()
+        except OSError:  # not created yet: the trainer may still be starting
+            return []
+        self.offset += len(chunk)
+        *lines, self.partial = (self.partial + chunk).split(b"\n")
+        return [event for event in map(self._parse, lines) if event is not None]
+
+    def _parse(self, line: bytes) -> dict | None:
+        if not line.strip():
+            return None
+        try:
+            event = json.loads(line)
+        except ValueError:  # includes bad UTF-8
+            event = None
+        if not isinstance(event, dict):
+            self.bad_lines += 1
+            return None
+        return event
+
+
+class RunState:
+    """What the panels show, folded from the events seen so far."""
+
+    def __init__(self, name: str):
+        self.name = name
+        self.stage = self.phase_name = ""
+        self.phase: dict = {}  # latest phase_start
+        self.space: list[str] = []
+        self.progress: dict = {}  # latest progress within that phase
+        self.activity: dict = {}  # latest groundtruth/evaluate: shown instead of training progress
+        self.pool: dict = {}
+        self.pool_means: list[float] = []
+        self.pool_changed = False
+        self.rank: dict = {}
+        self.kendalls: list[float] = []
+        self.ceiling: dict = {}
+        self.end: dict | None = None
+        self.last_time: float | None = None
+        self.new_log_lines: list[str] = []  # taken by the app on each refresh
+
+    def apply(self, event: dict) -> None:
+        handler = self.HANDLERS.get(str(event.get("event")))
+        if handler is None:  # unknown (newer) event: not ours to show
+            return
+        if _finite(event.get("time")):
+            self.last_time = event["time"]
+        try:
+            handler(self, event)
+        except (TypeError, ValueError, AttributeError, OverflowError):  # odd fields: skip the event
+            pass
+
+    def _say(self, event: dict, text: str) -> None:
+        self.new_log_lines.append(f"{_clock(event.get('time'))} {text}")
+
+    def _run_start(self, e: dict) -> None:
+        self.name = e.get("run") or self.name
+        self._say(e, f"run {self.name} started (preset {e.get('preset')}, seed {e.get('seed')})")
+
+    def _stage_start(self, e: dict) -> None:
+        self.stage, self.phase_name = e.get("stage", ""), ""
+        self._say(e, f"stage {self.stage} started")
+
+    def _phase_start(self, e: dict) -> None:
+        self.stage, self.phase_name = e.get("stage", ""), e.get("phase", "")
+        self.phase, self.progress, self.activity = e, {}, {}
+        self.space = format_space(e.get("space"))
+        self._say(e, f"phase {self.phase_name} started: {e.get('steps')} steps, lr {e.get('lr')}")
+
+    def _progress(self, e: dict) -> None:
+        self.stage = e.get("stage", self.stage)
+        self.phase_name = e.get("phase", self.phase_name)
+        self.progress, self.activity = e, {}
+
+    def _after_training(self, e: dict) -> None:
+        self.stage, self.phase_name, self.activity = e.get("event"), "", e
+
+    def _pool(self, e: dict) -> None:
+        self.pool, self.pool_changed = e, True
+        if _finite(e.get("mean_dist")):
+            self.pool_means.append(e["mean_dist"])
+
+    def _rank(self, e: dict) -> None:
+        self.rank = e
+        if _finite(e.get("kendall")):
+            self.kendalls.append(e["kendall"])
+
+    def _noise_ceiling(self, e: dict) -> None:
+        self.ceiling = e
+        self._say(e, f"noise ceiling: kendall {_num(e.get('kendall'), '.3f')} (n {e.get('n')})")
+
+    def _checkpoint(self, e: dict) -> None:
+        self._say(e, f"checkpoint {e.get('phase') or e.get('stage')} step {e.get('step')}: {e.get('path')}")
+
+    def _warning(self, e: dict) -> None:
+        self._say(e, f"warning: {e.get('message')}")
+
+    def _phase_end(self, e: dict) -> None:
+        seconds = _num(e.get("seconds"), ".1f")
+        self._say(e, f"phase {e.get('phase')} done: loss {_num(e.get('loss'), '.4f')}, {seconds} s")
+
+    def _stage_end(self, e: dict) -> None:
+        self._say(e, f"stage {e.get('stage')} done in {_num(e.get('seconds'), '.1f')} s")
+
+    def _end(self, e: dict) -> None:
+        self.end = e
+        self._say(e, f"end: {e.get('status')}" + (f": {e['message']}" if e.get("message") else ""))
+
+    HANDLERS = {
+        "run_start": _run_start, "stage_start": _stage_start, "phase_start": _phase_start,
+        "progress": _progress, "groundtruth": _after_training, "evaluate": _after_training,
+        "pool": _pool, "rank": _rank, "noise_ceiling": _noise_ceiling,
+        "checkpoint": _checkpoint, "warning": _warning, "phase_end": _phase_end,
+        "stage_end": _stage_end, "end": _end,
+    }
+
+    def step_counts(self) -> tuple[float, float | None]:
+        """(done, total) for the progress bar; total None while nothing is planned yet."""
+        source = self.activity or self.progress
+        done = source.get("done" if self.activity else "step")
+        total = source.get("total" if self.activity else "steps") or self.phase.get("steps")
+        return (done if _finite(done) else 0), (total if _finite(total) and total > 0 else None)
+
+
+def phase_text(s: RunState) -> str:
+    if s.activity:
+        return activity_text(s.activity)
+    p, q = s.phase, s.progress
+    of = f" ({p.get('index')}/{p['of']})" if p.get("of") else ""
+    sub = f"  sub-supernet {p['sub']}" if p.get("sub") is not None else ""
+    lines = [f"stage {s.stage or '-'}  phase {s.phase_name or '-'}{of}",
+             f"k {p.get('k', '-')}{sub}" if p else "",
+             *s.space,
+             f"step {q.get('step', 0)}/{q.get('steps') or p.get('steps', '-')}  epoch {_num(q.get('epoch'), '.2f')}",
+             f"loss {_num(q.get('loss'), '.4f')}  lr {_num(q.get('lr', p.get('lr')), '.2e')}",
+             f"{_num(q.get('ips'), '.0f')} img/s"]
+    if "queue_fill" in q or "ema_momentum" in q:  # Pi-NAS stages only
+        lines.append(f"queue {_num(q.get('queue_fill'), '.0%')}  ema {_num(q.get('ema_momentum'), '.4f')}")
+    return "\n".join(line for line in lines if line)
+
+
+def activity_text(a: dict) -> str:
+    lines = [f"{a.get('event')}  {a.get('done')}/{a.get('total')}"]
+    if a.get("event") == "groundtruth":
+        arch = str(a.get("arch", ""))
+        lines += [f"last {arch[:24]}{'…' if len(arch) > 24 else ''}",
+                  f"acc {_num(a.get('acc'), '.4f')}  seed {a.get('seed')}"]
+    return "\n".join(lines)
+
+
+def pool_text(pool: dict) -> str:
+    if not pool:
+        return "no constraint pool yet"
+    return (f"size {pool.get('size')}  mean {_num(pool.get('mean_dist'), '.1f')}"
+            f"  min {_num(pool.get('min_dist'), '.1f')}\n"
+            f"novelty {_num(pool.get('novelty'), '.1f')}  ({pool.get('stage')} step {pool.get('step')})")
+
+
+def rank_text(rank: dict, ceiling: dict) -> str:
+    lines = [f"pearson {_num(rank.get('pearson'), '.3f')}  kendall {_num(rank.get('kendall'), '.3f')}",
+             f"spearman {_num(rank.get('spearman'), '.3f')}  n {rank.get('n', '-')}"]
+    if ceiling:
+        lines.append(f"ceiling P {_num(ceiling.get('pearson'), '.2f')} τ {_num(ceiling.get('kendall'), '.2f')}"
+                     f" ρ {_num(ceiling.get('spearman'), '.2f')}")
+    return "\n".join(lines)
+
+
+class NasApp(App):
+    CSS = """
+    #status { height: 1; padding: 0 1; background: $primary; color: $text;
+              text-wrap: nowrap; text-overflow: ellipsis; }
+    .row-top { height: 12; }
+    .row-bottom { height: 1fr; }
+    .panel { border: round $primary; border-title-color: $accent; padding: 0 1; }
+    #phase-panel { width: 38; }
+    #rank-panel { width: 32; }
+    #progress Bar { width: 1fr; }
+    #pool-spark, #rank-spark { height: 2; margin-bottom: 1; }
+    #pool-members { height: 1fr; }
+    """
+    BINDINGS = [("q", "quit_or_stop", "quit")]
+    ENABLE_COMMAND_PALETTE = False
+
+    def __init__(self, run_dir: Path, process: subprocess.Popen | None = None):
+        super().__init__()
+        self.run_dir = Path(run_dir)
+        self.trainer = process
+        self.tail = EventTail(self.run_dir / "events.jsonl")
+        self.state = RunState(self.run_dir.name)
+        self.confirm_until = 0.0
+        self.stopping = False
+
+    def compose(self) -> ComposeResult:
+        yield Static(id="status", markup=False)
+        with Horizontal(classes="row-top"):
+            with Vertical(id="phase-panel", classes="panel"):
+                yield Static(id="phase", markup=False)
+                yield ProgressBar(id="progress", show_eta=False)
+            with Vertical(id="pool-panel", classes="panel"):
+                yield Static(id="pool", markup=False)
+                yield Sparkline([], id="pool-spark")
+                yield DataTable(id="pool-members", show_cursor=False)
+        with Horizontal(classes="row-bottom"):
+            with Vertical(id="rank-panel", classes="panel"):
+                yield Static(id="rank", markup=False)
+                yield Sparkline([], id="rank-spark")
+            with Vertical(id="log-panel", classes="panel"):
+                yield Log(id="log", max_lines=5000)
+        yield Footer()
+
+    def on_mount(self) -> None:
+        titles = {"phase-panel": "phase", "pool-panel": "constraint pool", "rank-panel": "rank", "log-panel": "log"}
+        for panel_id, title in titles.items():
+            self.query_one(f"#{panel_id}").border_title = title
+        self.query_one("#pool-members", DataTable).add_columns("#", "arch")
+        self.poll_log()
+        self.set_interval(POLL_SECONDS, self._tick)
+
+    def _tick(self) -> None:
+        self.poll_log()
+        if self.stopping and self.trainer.poll() is not None:
+            self.exit()
+
+    def poll_log(self) -> None:
+        """Read what the trainer appended since the last poll and redraw."""
+        for event in self.tail.read():
+            self.state.apply(event)
+        self._refresh_view()
+
+    def _refresh_view(self) -> None:
+        s = self.state
+        self.query_one("#status", Static).update(self._status_text())
+        self.query_one("#phase", Static).update(phase_text(s))
+        done, total = s.step_counts()
+        self.query_one("#progress", ProgressBar).update(total=total, progress=done)
+        self.query_one("#pool", Static).update(pool_text(s.pool))
+        self.query_one("#pool-spark", Sparkline).data = list(s.pool_means)
+        self.query_one("#rank", Static).update(rank_text(s.rank, s.ceiling))
+        self.query_one("#rank-spark", Sparkline).data = list(s.kendalls)
+        if s.pool_changed:
+            archs = s.pool.get("archs")
+            self._fill_pool_table(archs if isinstance(archs, list) else [])
+            s.pool_changed = False
+        if s.new_log_lines:
+            self.query_one("#log", Log).write_lines(s.new_log_lines)
+            s.new_log_lines = []
+
+    def _fill_pool_table(self, archs: list) -> None:
+        table = self.query_one("#pool-members", DataTable)
+        table.clear()
+        table.add_rows((i, str(arch)) for i, arch in enumerate(archs, 1))
+
+    def _status_text(self) -> str:
+        s = self.state
+        where = " │ ".join(str(x) for x in (s.name, s.stage, s.phase_name) if x)
+        return f"{where} │ {self._status_word()}"
+
+    def _status_word(self) -> str:
+        s, p = self.state, self.trainer
+        status = str(s.end.get("status")) if s.end else "running"
+        word = END_WORDS.get(status, status) if s.last_time is not None else "waiting for events.jsonl"
+        if p is None:
+            quiet = time.time() - (s.last_time or time.time())
+            word += f", last event {_ago(quiet)} ago" if not s.end and quiet > QUIET_SECONDS else ""
+        elif self.stopping:
+            word = "stopping: waiting for the checkpoint and the trainer to exit"
+        elif p.poll() is not None:
+            word = f"training {word}" if s.end else f"training exited with code {p.returncode}"
+            word += ": press q to quit"
+        elif time.monotonic() < self.confirm_until:
+            word = CONFIRM_TEXT
+        if self.tail.bad_lines:  # harmless (e.g. a line cut by a crash), but worth a count
+            word += f" ({self.tail.bad_lines} unreadable lines skipped)"
+        return word
+
+    def action_quit_or_stop(self) -> None:
+        p = self.trainer
+        if p is None or p.poll() is not None:
+            self.exit()
+        elif self.stopping:
+            self.notify("still waiting for the trainer to save and exit (ctrl+q leaves it running)")
+        elif time.monotonic() < self.confirm_until:
+            self.stopping = True
+            p.send_signal(signal.SIGINT)
+        else:
+            self.confirm_until = time.monotonic() + CONFIRM_SECONDS
+            self.notify(CONFIRM_TEXT)
+        self.query_one("#status", Static).update(self._status_text())
+
+
+def run_tui(run_dir: Path, process: subprocess.Popen | None = None) -> int:
+    """Show the run in `run_dir` until the user quits; with `process`, own that training run."""
+    app = NasApp(run_dir, process)
+    app.run()
+    if process is not None and process.poll() is None:  # left with ctrl+q while it trains
+        print(f"training continues in the background (pid {process.pid})")
+    elif process is None and app.state.end is None:
+        print("training continues in the background")
+    return 0
