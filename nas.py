@@ -126,6 +126,8 @@ def load_run_config(name: str, runs: Path) -> tuple[Path, dict, ts.Preset]:
 
 
 def load_data(preset: ts.Preset, device: str, data_dir: Path | None):
+    if data_dir is not None and not data_dir.is_dir() and preset.dataset != "cifar10" and preset.dataset != "cifar100":
+        die(f"--data-dir {data_dir} is not a folder")
     try:
         return ts.load_data(preset, device, data_dir)
     except ts.DataError as e:
@@ -364,7 +366,6 @@ def evaluate(run: str = typer.Option(..., help="run name: runs/NAME"),
              out: Path = typer.Option(None, help="write the archs file back with acc filled in"),
              device: str = DeviceOpt, data_dir: Path = DataDirOpt, quiet: bool = False):
     """Evaluate archs with the trained supernet (BN recalibrated per arch); write results.json."""
-    run_dir, config, preset = load_run_config(run, RUNS)
     codes = None
     if archs is not None:
         try:
@@ -373,6 +374,7 @@ def evaluate(run: str = typer.Option(..., help="run name: runs/NAME"),
             die(str(e))
     elif out is not None:
         die("--out needs --archs: the challenge file to fill in")
+    run_dir, config, preset = load_run_config(run, RUNS)
     truth, ceiling = _truth_of(run_dir, preset)
     if codes is None and not truth:
         die(f"run {run!r} has no ground truth for preset {preset.name}; run groundtruth or pass --archs")

@@ -1,0 +1,176 @@
+import json
+import os
+import random
+import signal
+import statistics
+
+import pytest
+import torch
+
+import supernet as sn
+import train_stages as ts
+from conftest import MICRO
+
+STAGES = ("warmup", "aps_depth", "cpt", "sse34")
+
+
+def test_every_phase_samples_inside_its_space():
+    for stage in ("aps_depth", "aps_width", "ps_depth", "ps_width", "spos", "cpt"):
+        for aps in ("v1", "v2", "v3"):
+            for phase in ts.stage_phases(stage, MICRO, aps):
+                st = ts.TrainState(MICRO, (stage,), 0, rng=random.Random(0))
+                for _ in range(300):
+                    a = ts.sample_in(st, phase)
+                    for s in range(4):
+                        lo, hi = phase.depths[s]
+                        assert lo <= a.depths[s] <= hi
+                        assert set(a.mids[s]) | {a.outs[s]} <= set(phase.widths[s])
+
+
+def test_aps_versions_differ_exactly_where_the_paper_says():
+    depth = {v: [p.depths for p in ts.stage_phases("aps_depth", MICRO, v)] for v in ("v1", "v2", "v3")}
+    assert depth["v1"][0] == ((4, 5), (4, 5), (6, 8), (4, 5))
+    assert depth["v1"][1] == ((3, 5), (3, 5), (4, 8), (3, 5))
+    assert depth["v1"][2] == ((2, 5), (2, 5), (2, 8), (2, 5))
+    assert depth["v2"] == [depth["v1"][0], depth["v1"][1][:3] + ((2, 5),), depth["v1"][2]]
+    assert depth["v3"] == [depth["v1"][0][:3] + ((2, 5),), depth["v2"][1], depth["v1"][2]]
+    phases = ts.stage_phases("aps_depth", MICRO, "v1") + ts.stage_phases("aps_width", MICRO)
+    assert [(p.epochs, p.lr) for p in phases] == [(5, 0.001), (10, 0.002), (15, 0.004),
+                                                   (5, 0.001), (10, 0.002), (25, 0.004)]
+    assert [p.widths[3] for p in ts.stage_phases("aps_width", MICRO)] == [(1, 2, 3), (1, 2, 3, 4, 5), sn.WIDTH_CODES[3]]
+
+
+def test_sse_routes_every_depth_combination_to_the_region_the_paper_lists():
+    paper34 = {0: ["22", "23", "24"], 1: ["32", "42", "52", "62", "72", "82"], 2: ["83", "84", "85"],
+               3: ["25", "35", "45", "55", "65", "75"]}
+    rng = random.Random(0)
+    seen = set()
+    for d1 in range(2, 6):
+        for d2 in range(2, 6):
+            for d3 in range(2, 9):
+                for d4 in range(2, 6):
+                    a = sn.sample_arch(rng, ((d1, d1), (d2, d2), (d3, d3), (d4, d4)))
+                    owners34 = [i for i, pairs in paper34.items() if f"{d3}{d4}" in pairs]
+                    assert len(owners34) <= 1
+                    assert ts.sse_owner(a, "sse34") == (owners34[0] if owners34 else 4)
+                    assert ts.sse_owner(a, "sse4") == {2: 0, 5: 1}.get(d4, 2)
+                    seen.add((d1, d2, d3, d4))
+    assert len(seen) == 448
+
+
+def arch_with(depths, widths=1, stem=None):
+    outs = (stem or widths, widths, widths, widths)
+    return sn.Arch(tuple(depths), outs, tuple((widths,) * d for d in depths))
+
+
+def test_pool_fills_then_follows_the_nsas_replacement_rule():
+    widest = arch_with((5, 5, 8, 5))
+    middle = arch_with((3, 3, 4, 3), widths=2)
+    far = arch_with((2, 2, 2, 2), widths=3)
+    near_middle = sn.Arch(middle.depths, middle.outs, ((1, 2, 2),) + middle.mids[1:])  # one step towards widest
+    assert sn.distance(middle, near_middle) == 1
+    assert sn.distance(near_middle, widest) == sn.distance(middle, widest) - 1 < sn.distance(far, widest)
+
+    pool = ts.ConstraintPool(size=2, recent=100, k=1)
+    pool.update(middle)
+    pool.update(widest)
+    assert pool.members == [middle, widest]
+    # middle is the member nearest to the sample; the only new candidate is less novel than it
+    pool.update(near_middle)
+    assert pool.members == [middle, widest]
+    # a recent arch more novel w.r.t. the rest of the pool than middle is takes middle's place
+    pool.recent.append(far)
+    pool.update(near_middle)
+    assert pool.members == [far, widest]
+
+
+def test_pool_is_far_more_diverse_than_random_pools():
+    rng = random.Random(0)
+    pool = ts.ConstraintPool()
+    for _ in range(400):
+        pool.update(sn.sample_arch(rng))
+    random_means = []
+    for _ in range(100):
+        members = [sn.sample_arch(rng) for _ in range(10)]
+        random_means.append(statistics.mean(sn.distance(x, y) for i, x in enumerate(members) for y in members[i + 1:]))
+    stats = pool.stats()
+    assert stats["size"] == 10
+    assert stats["mean_dist"] > 1.25 * statistics.mean(random_means)
+    assert stats["mean_dist"] > max(random_means)
+
+
+def test_pool_losses_send_gradients_into_the_shared_weights(micro_data):
+    st = ts.new_state(MICRO, ("cpt",), 0, "cpu")
+    deep = arch_with((2, 2, 2, 5))
+    st.pool.members = [deep]
+    phase = ts.Phase("cpt", "cpt", 1, 0.001, 1, depths=((2, 2),) * 4)  # samples have stage-4 depth 2
+    x, y = micro_data.train_batch(0, 0, 16)
+    archs, losses = ts.cpt_step(st, phase, x, y)
+    assert archs[0].depths[3] == 2 and len(losses) == 1 + len(st.pool.members)
+    # blocks 3-5 of stage 4 ran only in the pool's deep member
+    assert st.net.stages[3][4].conv1.weight.grad.abs().sum() > 0
+
+
+def run_micro(tmp_path, probe=None, stages=STAGES):
+    st = ts.new_state(MICRO, stages, 0, "cpu")
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    log = ts.EventLog(tmp_path / "events.jsonl")
+    return ts.train(st, ts.load_data(MICRO, "cpu"), tmp_path, log, probe)
+
+
+def test_killed_and_resumed_run_equals_an_uninterrupted_one(tmp_path):
+    whole = run_micro(tmp_path / "whole")
+
+    def interrupt_in_cpt(st):
+        if st.phases()[st.phase_index].stage == "cpt" and st.step == 3:
+            os.kill(os.getpid(), signal.SIGINT)  # a real Ctrl-C, handled by the training loop
+
+    with pytest.raises(ts.Stopped):
+        run_micro(tmp_path / "cut", interrupt_in_cpt)
+    resumed = ts.new_state(MICRO, STAGES, 0, "cpu")
+    ts.load_checkpoint(resumed, tmp_path / "cut" / "checkpoints" / "last.pt")
+    assert resumed.phases()[resumed.phase_index].stage == "cpt" and resumed.step == 4
+    ts.train(resumed, ts.load_data(MICRO, "cpu"), tmp_path / "cut", ts.EventLog(tmp_path / "cut" / "events.jsonl"))
+    for k, v in whole.net.state_dict().items():
+        assert torch.equal(v, resumed.net.state_dict()[k]), k
+    assert whole.subnets.keys() == resumed.subnets.keys()
+    for i in whole.subnets:
+        for k, v in whole.subnets[i].items():
+            assert torch.equal(v, resumed.subnets[i][k]), (i, k)
+    assert whole.pool.state() == resumed.pool.state()
+
+    events = [json.loads(line) for line in (tmp_path / "cut" / "events.jsonl").read_text().splitlines()]
+    assert all("time" in e and "event" in e for e in events)
+    kinds = {e["event"] for e in events}
+    assert {"stage_start", "phase_start", "progress", "pool", "checkpoint", "phase_end", "stage_end"} <= kinds
+    phase_starts = [e for e in events if e["event"] == "phase_start"]
+    assert {"depths", "widths"} <= phase_starts[0]["space"].keys()
+    pool = [e for e in events if e["event"] == "pool"][-1]
+    assert pool["size"] == len(pool["archs"]) and pool["min_dist"] <= pool["mean_dist"]
+
+
+def test_damaged_or_foreign_checkpoints_are_refused(tmp_path):
+    st = ts.new_state(MICRO, ("warmup",), 0, "cpu")
+    bad = tmp_path / "last.pt"
+    bad.write_bytes(b"not a checkpoint")
+    with pytest.raises(ts.TrainingError, match="cannot be read"):
+        ts.load_checkpoint(st, bad)
+    ts.save_checkpoint(st, bad)
+    other = ts.new_state(MICRO, ("warmup",), 1, "cpu")
+    with pytest.raises(ts.TrainingError, match=r"different config \(seed\)"):
+        ts.load_checkpoint(other, bad)
+
+
+def test_non_finite_loss_stops_naming_stage_and_arch(tmp_path, micro_data):
+    from dataclasses import replace
+    st = ts.new_state(replace(MICRO, warmup_lr=1e30), ("warmup",), 0, "cpu")
+    with pytest.raises(ts.TrainingError, match=r"stage warmup .* for arch 1558511"):
+        ts.train(st, micro_data, None, ts.EventLog(None))
+
+
+def test_batches_are_a_pure_function_of_key_and_step(micro_data):
+    x1, y1 = micro_data.train_batch(5, 7, 32)
+    micro_data.train_batch(6, 0, 32)
+    x2, y2 = micro_data.train_batch(5, 7, 32)
+    assert torch.equal(x1, x2) and torch.equal(y1, y2)
+    assert x1.shape == (32, 1, 28, 28) and abs(float(micro_data.normalize(micro_data.train_x[:512]).mean())) < 0.1
