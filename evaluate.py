@@ -116,7 +116,8 @@ METRICS = {"pearson": _pearson, "kendall": _kendall, "spearman": _spearman}
 
 def rank_metrics(pred, truth, n_boot: int = 1000, seed: int = 0) -> dict:
     """Pearson, Kendall tau and Spearman of pred vs truth, each with a bootstrap 95% interval
-    (percentile method, pairs resampled) when n_boot > 0, and n."""
+    (percentile method, pairs resampled; resamples too degenerate to correlate are left out)
+    when n_boot > 0, and n."""
     pred, truth = np.asarray(pred, float), np.asarray(truth, float)
     out = {"n": len(pred)}
     with warnings.catch_warnings():  # constant inputs (tiny resamples) give nan, which is the truth
@@ -124,9 +125,9 @@ def rank_metrics(pred, truth, n_boot: int = 1000, seed: int = 0) -> dict:
         for name, fn in METRICS.items():
             out[name] = float(fn(pred, truth)) if len(pred) > 1 else math.nan
             if n_boot and len(pred) > 2:
-                ci = scipy.stats.bootstrap((pred, truth), fn, paired=True, vectorized=False, n_resamples=n_boot,
-                                           method="percentile", rng=np.random.default_rng(seed)).confidence_interval
-                out[f"{name}_ci"] = [float(ci.low), float(ci.high)]
+                boot = scipy.stats.bootstrap((pred, truth), fn, paired=True, vectorized=False, n_resamples=n_boot,
+                                             method="percentile", rng=np.random.default_rng(seed))
+                out[f"{name}_ci"] = [float(v) for v in np.nanpercentile(boot.bootstrap_distribution, [2.5, 97.5])]
     return out
 
 

@@ -1,0 +1,63 @@
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+import nas
+
+runner = CliRunner()
+COMMANDS = ["arch", "sample", "train", "groundtruth", "evaluate", "report", "all", "tui"]
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_help_of_every_command(command):
+    result = runner.invoke(nas.app, [command, "--help"])
+    assert result.exit_code == 0 and "Usage" in result.output
+
+
+def one_line_error(result, words):
+    assert result.exit_code == 2, result.output
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:") and words in lines[0], result.output
+    assert "Traceback" not in result.output
+
+
+@pytest.fixture
+def runs(tmp_path, monkeypatch):
+    monkeypatch.setattr(nas, "RUNS", tmp_path / "runs")
+    return tmp_path / "runs"
+
+
+def test_bad_inputs_get_one_line_and_exit_2(runs, tmp_path):
+    one_line_error(runner.invoke(nas.app, ["all", "--preset", "huge"]), "unknown preset 'huge'")
+    one_line_error(runner.invoke(nas.app, ["train", "--preset", "tiny", "--run", "x", "--stages", "aps,zzz"]),
+                   "unknown stage 'aps'")
+    one_line_error(runner.invoke(nas.app, ["train", "--preset", "tiny", "--run", "x", "--data-dir",
+                                           str(tmp_path / "nowhere")]), "is not a folder")
+    one_line_error(runner.invoke(nas.app, ["arch", "1" * 52]), "position")
+    one_line_error(runner.invoke(nas.app, ["report", "--run", "nothing"]), "no run 'nothing'")
+    one_line_error(runner.invoke(nas.app, ["train", "--preset", "tiny", "--run", "new", "--resume"]),
+                   "nothing to resume")
+    (tmp_path / "bad.json").write_text("[1, 2")
+    one_line_error(runner.invoke(nas.app, ["evaluate", "--run", "x", "--archs", str(tmp_path / "bad.json"),
+                                           "--out", str(tmp_path / "out.json")]), "not valid JSON")
+    assert not (tmp_path / "out.json").exists()
+    assert not runs.exists()
+
+
+def test_an_existing_run_is_never_overwritten(runs):
+    config = nas.run_config(nas.PRESETS["tiny"], ("warmup",), 0, "v3", True)
+    nas.open_run("r", config, False, runs)
+    saved = (runs / "r" / "config.json").read_text()
+    one_line_error(runner.invoke(nas.app, ["train", "--preset", "tiny", "--run", "r", "--stages", "warmup"]),
+                   "already exists")
+    one_line_error(runner.invoke(nas.app, ["train", "--preset", "tiny", "--run", "r", "--stages", "cpt",
+                                           "--resume"]), "different config (stages)")
+    assert (runs / "r" / "config.json").read_text() == saved
+
+
+def test_arch_json_has_the_documented_keys():
+    result = runner.invoke(nas.app, ["arch", "15585" + "1" * 47, "--json"])
+    info = json.loads(result.output)
+    assert {"depths", "stem", "blocks", "flops", "params"} <= info.keys()
+    assert info["params"] == 34043688 and len(info["blocks"]) == 23
