@@ -296,9 +296,7 @@ SSE_LR = 0.003
 STAGES = ("warmup", "spos", "ps_depth", "ps_width", "aps_depth", "aps_width", "cpt", "sse4", "sse34")
 METHODS = {"full": ("warmup", "aps_depth", "aps_width", "cpt", "sse34"),
            "spos": ("warmup", "spos"),
-           "ps": ("warmup", "ps_depth", "ps_width"),
-           "pinas": ("pinas",),
-           "pinas+full": ("pinas", "warmup", "aps_depth", "aps_width", "cpt", "sse34")}
+           "ps": ("warmup", "ps_depth", "ps_width")}
 
 
 def sse_groups(stage: str):
@@ -334,8 +332,6 @@ def stage_phases(stage: str, preset: Preset, aps: str = "v3") -> list[Phase]:
     if stage in ("sse4", "sse34"):
         _, epochs = sse_groups(stage)
         return [Phase(stage, f"{stage}/{i}", e, SSE_LR, 1, sub=i) for i, e in enumerate(epochs)]
-    if stage == "pinas":
-        return [Phase(stage, "pinas", 40, 0.0, 1)]
     raise ValueError(f"unknown stage {stage!r}; stages are {', '.join(STAGES)}")
 
 
@@ -458,7 +454,6 @@ class TrainState:
     subnets: dict = field(default_factory=dict)  # SSE sub-supernet index -> weights
     current_sub: int | None = None
     cpt_pool: list = field(default_factory=list)  # SSE: the CPT pool each sub-supernet starts from
-    pinas: dict | None = None     # Π-NAS: EMA teacher, projectors and queue (see pinas_state)
     stop_requested: bool = False
 
     def config(self) -> dict:
@@ -487,7 +482,7 @@ def save_checkpoint(st: TrainState, path: Path) -> None:
     blob = {"config": st.config(), "phase_index": st.phase_index, "step": st.step,
             "net": st.net.state_dict(), "optimizer": st.optimizer.state_dict() if st.optimizer else None,
             "rng": st.rng.getstate(), "pool": st.pool.state(), "teacher": st.teacher,
-            "subnets": st.subnets, "current_sub": st.current_sub, "cpt_pool": st.cpt_pool, "pinas": st.pinas}
+            "subnets": st.subnets, "current_sub": st.current_sub, "cpt_pool": st.cpt_pool}
     tmp = path.with_name(path.name + ".tmp")
     torch.save(blob, tmp)
     os.replace(tmp, path)
@@ -509,7 +504,7 @@ def load_checkpoint(st: TrainState, path: Path) -> None:
     st.rng.setstate(_as_tuple(blob["rng"]))
     st.pool.load(blob["pool"])
     st.teacher, st.subnets, st.current_sub = blob["teacher"], blob["subnets"], blob["current_sub"]
-    st.cpt_pool, st.pinas = blob["cpt_pool"], blob["pinas"]
+    st.cpt_pool = blob["cpt_pool"]
     if blob["optimizer"] is not None:
         st.optimizer = make_optimizer(st.net, 0.0)
         st.optimizer.load_state_dict(blob["optimizer"])
@@ -643,13 +638,16 @@ def train(st: TrainState, data, run_dir: Path | None, log: EventLog, probe=None)
             raise KeyboardInterrupt
         st.stop_requested = True
     signal.signal(signal.SIGINT, on_sigint)
+    stage_started = time.perf_counter()  # a resumed stage counts from the resume
     try:
         while st.phase_index < len(phases):
             phase = phases[st.phase_index]
             first = st.phase_index == 0 or phases[st.phase_index - 1].stage != phase.stage
             last = st.phase_index + 1 == len(phases) or phases[st.phase_index + 1].stage != phase.stage
-            if first and st.step == 0:
-                log("stage_start", stage=phase.stage)
+            if first:
+                stage_started = time.perf_counter()
+                if st.step == 0:
+                    log("stage_start", stage=phase.stage)
             run_phase(st, phase, data, log, ckpt, probe)
             if phase.stage == "warmup":
                 st.teacher = {k: v.clone() for k, v in sn.extract_subnet(st.net, sn.MAX_ARCH).state_dict().items()}
@@ -662,21 +660,19 @@ def train(st: TrainState, data, run_dir: Path | None, log: EventLog, probe=None)
                     save_checkpoint(st, ckpt.with_name(f"{phase.stage}.pt"))
                 log("checkpoint", path=str(ckpt), stage=phase.stage, phase=phase.name, step=0)
             if last:
-                log("stage_end", stage=phase.stage)
+                log("stage_end", stage=phase.stage, seconds=time.perf_counter() - stage_started)
     finally:
         signal.signal(signal.SIGINT, previous)
     return st
 
 
 def phase_step(st: TrainState, phase: Phase, data, key: int, teacher):
-    """One optimizer step's forward/backward work: (archs run, their losses, extra log fields)."""
-    if phase.stage == "pinas":
-        return pinas_step(st, phase, data, key)
+    """One optimizer step's forward/backward work: (archs run, their losses)."""
     x, y = data.train_batch(key, st.step, st.preset.batch_size)
     if phase.sub is not None:
-        return *sse_step(st, phase, x, y, teacher), {}
+        return sse_step(st, phase, x, y, teacher)
     step_fn = {"warmup": warmup_step, "cpt": cpt_step}.get(phase.stage, sampled_step)
-    return *step_fn(st, phase, x, y), {}
+    return step_fn(st, phase, x, y)
 
 
 def run_phase(st: TrainState, phase: Phase, data, log: EventLog, ckpt: Path | None, probe) -> None:
@@ -702,7 +698,7 @@ def run_phase(st: TrainState, phase: Phase, data, log: EventLog, ckpt: Path | No
         for group in st.optimizer.param_groups:
             group["lr"] = lr_at(st.step, steps, base_lr)
         st.optimizer.zero_grad(set_to_none=True)
-        archs, losses, extra = phase_step(st, phase, data, key, teacher)
+        archs, losses = phase_step(st, phase, data, key, teacher)
         st.optimizer.step()
         st.step += 1
         seen += preset.batch_size * len(archs)
@@ -711,7 +707,7 @@ def run_phase(st: TrainState, phase: Phase, data, log: EventLog, ckpt: Path | No
             loss = check_finite(pending, phase, st.step)
             log("progress", stage=phase.stage, phase=phase.name, step=st.step, steps=steps, loss=loss,
                 lr=st.optimizer.param_groups[0]["lr"], ips=seen / max(time.perf_counter() - t0, 1e-9),
-                epoch=st.step * preset.batch_size / data.train_size, **extra)
+                epoch=st.step * preset.batch_size / data.train_size)
             if phase.stage in ("cpt", "sse4", "sse34"):
                 log("pool", stage=phase.stage, step=st.step, **st.pool.stats())
             pending, seen, t0 = [], 0, time.perf_counter()
@@ -752,6 +748,3 @@ def check_finite(pending, phase: Phase, step: int) -> float:
                                     f"for arch {sn.encode(archs[int(bad[0])])}")
     return losses.mean().item()
 
-
-def pinas_step(st: TrainState, phase: Phase, data, key: int):
-    raise TrainingError("the pinas stage is not implemented yet")
