@@ -214,8 +214,8 @@ class GroundTruth:
 
 def ground_truth(gt: GroundTruth, archs: list[sn.Arch], twice: list[sn.Arch], preset: ts.Preset, data,
                  log) -> tuple[dict[str, float], dict | None]:
-    """Train what is not cached yet; return {code: acc} (seed 0) and the noise ceiling: the rank
-    metrics between seed 0 and seed 1 on the `twice` archs (None with fewer than 3)."""
+    """Train what is not cached yet (`twice` also with seed 1); return {code: acc} (seed 0)
+    and the noise ceiling."""
     r = recipe(preset)
     jobs = [(a, 0) for a in archs] + [(a, 1) for a in twice]
     for i, (a, seed) in enumerate(jobs):
@@ -226,10 +226,17 @@ def ground_truth(gt: GroundTruth, archs: list[sn.Arch], twice: list[sn.Arch], pr
             acc = train_standalone(a, preset, data, seed)
             gt.put(code, preset.dataset, r, seed, acc, time.perf_counter() - t)
         log("groundtruth", done=i + 1, total=len(jobs), arch=code, acc=acc, seed=seed)
+    first = gt.accs(preset.dataset, r, 0)
+    return {sn.encode(a): first[sn.encode(a)] for a in archs}, noise_ceiling(gt, preset)
+
+
+def noise_ceiling(gt: GroundTruth, preset: ts.Preset) -> dict | None:
+    """Rank metrics between seed 0 and seed 1 over the archs trained with both (None below 3):
+    the agreement no supernet can beat."""
+    r = recipe(preset)
     first, second = gt.accs(preset.dataset, r, 0), gt.accs(preset.dataset, r, 1)
-    both = [sn.encode(a) for a in twice]
-    ceiling = rank_metrics([first[c] for c in both], [second[c] for c in both]) if len(both) > 2 else None
-    return {sn.encode(a): first[sn.encode(a)] for a in archs}, ceiling
+    both = [c for c in second if c in first]
+    return rank_metrics([first[c] for c in both], [second[c] for c in both]) if len(both) > 2 else None
 
 
 # ---------------------------------------------------------------- probes during training
@@ -282,7 +289,7 @@ def write_challenge(path: Path, codes: dict[str, str], accs: dict[str, float]) -
     write_json_atomic(Path(path), {name: {"acc": accs[code], "arch": code} for name, code in codes.items()})
 
 
-def _ci(m: dict, name: str) -> str:
+def format_metric(m: dict, name: str) -> str:
     ci = m.get(f"{name}_ci")
     return f"{m[name]:.3f} [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else f"{m[name]:.3f}"
 
@@ -299,11 +306,11 @@ def write_report(run_dir: Path, config: dict, results: dict) -> Path:
              f"| metric | supernet vs ground truth (n = {m['n']}) | noise ceiling: seed vs seed (n = "
              f"{ceiling['n'] if ceiling else 0}) |", "|---|---|---|"]
     for name in METRICS:
-        lines.append(f"| {name} | {_ci(m, name)} | {_ci(ceiling, name) if ceiling else 'n/a'} |")
+        lines.append(f"| {name} | {format_metric(m, name)} | {format_metric(ceiling, name) if ceiling else 'n/a'} |")
     for floor in ("flops", "params"):
         if floor in results:
             f = results[floor]
-            lines.append(f"| {floor} as the ranking: kendall | {_ci(f, 'kendall')} | |")
+            lines.append(f"| {floor} as the ranking: kendall | {format_metric(f, 'kendall')} | |")
     lines += ["", "95% bootstrap intervals in brackets.", "", "## Best archs by supernet accuracy", "",
               "| arch | supernet | ground truth |", "|---|---|---|"]
     rows = sorted(results["archs"], key=lambda r: -r["supernet"])

@@ -14,7 +14,6 @@ import random
 import subprocess
 import sys
 import time
-from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -81,10 +80,6 @@ def pick_device(device: str) -> str:
     return device
 
 
-def run_config(preset: ts.Preset, stages, seed: int, aps: str, kd: bool) -> dict:
-    return {"preset": asdict(preset), "stages": list(stages), "seed": seed, "aps": aps, "kd": kd}
-
-
 def open_run(name: str, config: dict, resume: bool, runs: Path) -> Path:
     """The run folder: new (refusing to reuse one) or, with resume, the same config's."""
     if not name or "/" in name or name.startswith("."):
@@ -99,8 +94,7 @@ def open_run(name: str, config: dict, resume: bool, runs: Path) -> Path:
         except ValueError:
             die(f"{saved} is not valid JSON; start a new --run")
         if old != config:
-            diff = sorted(k for k in old.keys() | config.keys() if old.get(k) != config.get(k))
-            die(f"run {name!r} was started with a different config ({', '.join(diff)}); "
+            die(f"run {name!r} was started with a different config ({', '.join(ts.config_diff(old, config))}); "
                 "resume with the same options or start a new --run")
         return run_dir
     if saved.exists():
@@ -123,7 +117,7 @@ def load_run_config(name: str, runs: Path) -> tuple[Path, dict, ts.Preset]:
 
 
 def load_data(preset: ts.Preset, device: str, data_dir: Path | None):
-    if data_dir is not None and not data_dir.is_dir() and preset.dataset != "cifar10" and preset.dataset != "cifar100":
+    if data_dir is not None and not data_dir.is_dir() and preset.dataset not in ("cifar10", "cifar100"):
         die(f"--data-dir {data_dir} is not a folder")
     try:
         return ts.load_data(preset, device, data_dir)
@@ -223,9 +217,9 @@ def sample(n: int = typer.Option(10, "--n", min=1, help="how many codes"),
 
 # ---------------------------------------------------------------- the pipeline's steps
 
-def train_run(run_dir: Path, config: dict, preset: ts.Preset, data, device: str, log, probe=None) -> ts.TrainState:
+def train_run(run_dir: Path, config: dict, data, device: str, log, probe=None) -> ts.TrainState:
     """Train from the run's checkpoint if it has one, else from scratch; exits cleanly on Ctrl-C."""
-    st = ts.new_state(preset, config["stages"], config["seed"], device, config["aps"], config["kd"])
+    st = ts.state_from_config(config, device)
     ckpt = run_dir / "checkpoints" / "last.pt"
     try:
         if ckpt.exists():
@@ -246,7 +240,10 @@ def ground_truth_step(run_dir: Path, preset: ts.Preset, data, log, n: int, twice
     except ValueError as e:
         die(str(e))
     archs = ev.pick_archs(n, seed, preset)
-    return ev.ground_truth(gt, archs, archs[::max(1, n // twice)][:twice] if twice else [], preset, data, log)
+    truth, ceiling = ev.ground_truth(gt, archs, archs[::max(1, n // twice)][:twice] if twice else [], preset, data, log)
+    if ceiling:
+        log("noise_ceiling", **{k: ceiling[k] for k in ("pearson", "kendall", "spearman", "n")})
+    return truth, ceiling
 
 
 def run_results(truth: dict, accs: dict, ceiling: dict | None, preset: ts.Preset) -> dict:
@@ -269,7 +266,7 @@ def print_summary(results: dict, report: Path) -> None:
     m, c = results["metrics"], results.get("noise_ceiling")
     typer.echo(f"\n{'':10} {'supernet (n=' + str(m['n']) + ')':>26} {'noise ceiling':>26} {'FLOPs':>8}")
     for name in ev.METRICS:
-        typer.echo(f"{name:10} {ev._ci(m, name):>26} {ev._ci(c, name) if c else 'n/a':>26}"
+        typer.echo(f"{name:10} {ev.format_metric(m, name):>26} {ev.format_metric(c, name) if c else 'n/a':>26}"
                    f" {results['flops'][name]:>8.3f}")
     typer.echo(f"report: {report}")
 
@@ -292,7 +289,7 @@ def _setup(preset_name, stages, method, aps, kd, seed, device, data_dir):
         die(f"unknown APS version {aps!r}; use v1, v2 or v3")
     chosen = parse_stages(stages, method)
     device = pick_device(device)
-    return preset, chosen, device, load_data(preset, device, data_dir), run_config(preset, chosen, seed, aps, kd)
+    return preset, chosen, device, load_data(preset, device, data_dir), ts.run_config(preset, chosen, seed, aps, kd)
 
 
 @app.command()
@@ -305,7 +302,7 @@ def train(preset: str = PresetOpt, run: str = typer.Option(..., help="run name: 
     run_dir = open_run(run, config, resume, RUNS)
     log = Console(ts.EventLog(run_dir / "events.jsonl"), quiet)
     log("run_start", run=run, preset=p.name, stages=list(chosen), seed=seed, resumed=resume)
-    train_run(run_dir, config, p, data, device, log)
+    train_run(run_dir, config, data, device, log)
     log("end", status="done", message="training finished")
 
 
@@ -325,13 +322,12 @@ def groundtruth(preset: str = PresetOpt, run: str = typer.Option(..., help="run 
     typer.echo(f"{len(truth)} archs in {run_dir / 'groundtruth.json'}; accuracy "
                f"{min(truth.values()):.4f} .. {max(truth.values()):.4f}")
     if ceiling:
-        log("noise_ceiling", **{k: ceiling[k] for k in ("pearson", "kendall", "spearman", "n")})
-        typer.echo("noise ceiling (seed vs seed): " + "  ".join(f"{k} {ev._ci(ceiling, k)}" for k in ev.METRICS)
+        typer.echo("noise ceiling (seed vs seed): " + "  ".join(f"{k} {ev.format_metric(ceiling, k)}" for k in ev.METRICS)
                    + f"  (n = {ceiling['n']})")
 
 
-def _trained_state(run_dir: Path, config: dict, preset: ts.Preset, device: str) -> ts.TrainState:
-    st = ts.new_state(preset, config["stages"], config["seed"], device, config["aps"], config["kd"])
+def _trained_state(run_dir: Path, config: dict, device: str) -> ts.TrainState:
+    st = ts.state_from_config(config, device)
     ckpt = run_dir / "checkpoints" / "last.pt"
     if not ckpt.exists():
         die(f"run {run_dir.name!r} has no checkpoint yet ({ckpt}); train it first")
@@ -350,11 +346,7 @@ def _truth_of(run_dir: Path, preset: ts.Preset):
         gt = ev.GroundTruth(run_dir / "groundtruth.json")
     except ValueError as e:
         die(str(e))
-    r = ev.recipe(preset)
-    truth, second = gt.accs(preset.dataset, r, 0), gt.accs(preset.dataset, r, 1)
-    both = [c for c in second if c in truth]
-    ceiling = ev.rank_metrics([truth[c] for c in both], [second[c] for c in both]) if len(both) > 2 else None
-    return truth, ceiling
+    return gt.accs(preset.dataset, ev.recipe(preset), 0), ev.noise_ceiling(gt, preset)
 
 
 @app.command()
@@ -377,7 +369,7 @@ def evaluate(run: str = typer.Option(..., help="run name: runs/NAME"),
         die(f"run {run!r} has no ground truth for preset {preset.name}; run groundtruth or pass --archs")
     device = pick_device(device)
     data = load_data(preset, device, data_dir)
-    st = _trained_state(run_dir, config, preset, device)
+    st = _trained_state(run_dir, config, device)
     log = Console(ts.EventLog(run_dir / "events.jsonl"), quiet)
     wanted = list(dict.fromkeys((codes or {}).values())) if codes else list(truth)
     accs = evaluate_step(st, preset, data, [sn.decode(c) for c in wanted], log)
@@ -417,9 +409,7 @@ def all_(preset: str = PresetOpt, run: str = typer.Option(None, help="run name (
     log = Console(ts.EventLog(run_dir / "events.jsonl"), quiet=False)
     log("run_start", run=run, preset=p.name, stages=list(chosen), seed=seed, resumed=resume)
     truth, ceiling = ground_truth_step(run_dir, p, data, log, p.gt_n, p.gt_twice, seed)
-    if ceiling:
-        log("noise_ceiling", **{k: ceiling[k] for k in ("pearson", "kendall", "spearman", "n")})
-    st = train_run(run_dir, config, p, data, device, log, ev.make_probe(p, data, truth))
+    st = train_run(run_dir, config, data, device, log, ev.make_probe(p, data, truth))
     accs = evaluate_step(st, p, data, [sn.decode(c) for c in truth], log)
     results = run_results(truth, accs, ceiling, p)
     ev.write_json_atomic(run_dir / "results.json", results)

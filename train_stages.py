@@ -16,6 +16,7 @@ learning rates by another, so the ratios between phases stay the paper's.
 """
 
 import gzip
+import json
 import math
 import os
 import random
@@ -23,7 +24,7 @@ import signal
 import struct
 import time
 from collections import deque
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -129,8 +130,8 @@ class TensorData:
     Every batch is a pure function of (key, step), so a resumed run sees the same batches.
     """
 
-    def __init__(self, name: str, train_x, train_y, test_x, test_y, device, pad: int):
-        self.name, self.device, self.pad = name, torch.device(device), pad
+    def __init__(self, train_x, train_y, test_x, test_y, device, pad: int):
+        self.device, self.pad = torch.device(device), pad
         self.train_x, self.train_y = train_x.to(self.device), train_y.to(self.device)
         self.test_x, self.test_y = test_x.to(self.device), test_y.to(self.device)
         pixels = train_x[:10000].float().div(255).transpose(0, 1).flatten(1)
@@ -143,16 +144,14 @@ class TensorData:
         x = (x.float().div_(255) - self.mean) / self.std
         return x.contiguous(memory_format=torch.channels_last) if x.is_cuda else x
 
-    def train_batch(self, key: int, step: int, batch_size: int, augment: bool = True):
+    def train_batch(self, key: int, step: int, batch_size: int):
         n = len(self.train_y)
         epoch, i = divmod(step, max(1, n // batch_size))
         if self._perm_key != (key, epoch):
             g = torch.Generator().manual_seed(_mix(key, epoch))
             self._perm_key, self._perm = (key, epoch), torch.randperm(n, generator=g).to(self.device)
         idx = self._perm[i * batch_size:(i + 1) * batch_size]
-        x = self.train_x[idx]
-        if augment:
-            x = self.augment(x, torch.Generator().manual_seed(_mix(key, epoch, i, 1)))
+        x = self.augment(self.train_x[idx], torch.Generator().manual_seed(_mix(key, epoch, i, 1)))
         return self.normalize(x), self.train_y[idx]
 
     def augment(self, x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
@@ -190,7 +189,7 @@ class FolderData:
         if not (root / "train").is_dir() or not (root / "val").is_dir():
             raise DataError(f"ImageNet folder {root} must hold train/ and val/ with one sub-folder per class")
         norm = T.Normalize(IMAGENET_MEAN, IMAGENET_STD)
-        self.name, self.device, self.workers = "imagenet", torch.device(device), workers
+        self.device, self.workers = torch.device(device), workers
         self.train = ImageFolder(str(root / "train"), T.Compose(
             [T.RandomResizedCrop(image_size), T.RandomHorizontalFlip(), T.ToTensor(), norm]))
         self.plain = ImageFolder(str(root / "train"), T.Compose(
@@ -209,13 +208,13 @@ class FolderData:
         x = x.contiguous(memory_format=torch.channels_last) if x.is_cuda else x
         return x, y.to(self.device, non_blocking=True)
 
-    def train_batch(self, key: int, step: int, batch_size: int, augment: bool = True):
+    def train_batch(self, key: int, step: int, batch_size: int):
         per_epoch = max(1, len(self.train) // batch_size)
         epoch, i = divmod(step, per_epoch)
         if self._iter_key != (key, epoch, i):  # a fresh epoch, or a resume in the middle of one
             g = torch.Generator().manual_seed(_mix(key, epoch))
             perm = torch.randperm(len(self.train), generator=g)[i * batch_size:per_epoch * batch_size].tolist()
-            self._iter = iter(self._loader(self.train if augment else self.plain, perm, batch_size))
+            self._iter = iter(self._loader(self.train, perm, batch_size))
         self._iter_key = (key, epoch, i + 1)
         return self._to_device(*next(self._iter))
 
@@ -246,7 +245,7 @@ def load_data(preset: Preset, device, data_dir: Path | None = None, seed: int = 
     if preset.train_subset:
         keep = torch.randperm(len(ty), generator=torch.Generator().manual_seed(_mix(seed, 3)))[:preset.train_subset]
         tx, ty = tx[keep], ty[keep]
-    return TensorData(preset.dataset, tx, ty, vx, vy, device, pad)
+    return TensorData(tx, ty, vx, vy, device, pad)
 
 
 # ---------------------------------------------------------------- sampling spaces and phases
@@ -262,8 +261,8 @@ class Phase:
 
     stage: str
     name: str
-    epochs: float                 # the paper's epochs (scaled by the preset)
-    lr: float                     # the paper's initial lr (scaled by the preset)
+    epochs: float                 # epochs of our training set: the paper's x preset.epoch_scale
+    lr: float                     # initial lr: the paper's x preset.lr_scale
     k: int                        # archs sampled per step
     depths: tuple = FULL_DEPTHS   # (lo, hi) per stage
     widths: tuple = sn.WIDTH_CODES
@@ -311,10 +310,16 @@ def sse_owner(arch: sn.Arch, stage: str) -> int:
 
 
 def stage_phases(stage: str, preset: Preset, aps: str = "v3") -> list[Phase]:
-    """The phases of one stage with the paper's epochs, lrs, K and sampling spaces (SPEC §4)."""
+    """The phases of one stage: the paper's K and sampling spaces (SPEC §4), its epochs and lrs
+    scaled by the preset (the warm-up has no paper counterpart: the preset gives its own)."""
     if stage == "warmup":
-        return [Phase(stage, "warmup", preset.warmup_epochs / preset.epoch_scale,
-                      preset.warmup_lr / preset.lr_scale, 1, MAX_ONLY, WIDEST)]
+        return [Phase(stage, "warmup", preset.warmup_epochs, preset.warmup_lr, 1, MAX_ONLY, WIDEST)]
+    return [replace(p, epochs=p.epochs * preset.epoch_scale, lr=p.lr * preset.lr_scale)
+            for p in paper_phases(stage, aps)]
+
+
+def paper_phases(stage: str, aps: str) -> list[Phase]:
+    """A stage's phases with the paper's epochs and learning rates."""
     if stage == "aps_depth":
         return [Phase(stage, f"aps_depth_{aps}/{i + 1}", e, lr, 4, d, WIDEST)
                 for i, (e, lr, d) in enumerate(APS_DEPTH[aps])]
@@ -336,7 +341,7 @@ def stage_phases(stage: str, preset: Preset, aps: str = "v3") -> list[Phase]:
 
 
 def phase_steps(phase: Phase, preset: Preset, train_size: int) -> int:
-    return max(1, round(phase.epochs * preset.epoch_scale * train_size / preset.batch_size))
+    return max(1, round(phase.epochs * train_size / preset.batch_size))
 
 
 def lr_at(step: int, steps: int, base: float) -> float:
@@ -385,11 +390,16 @@ class ConstraintPool:
             self.members[nearest] = candidates[best]
 
     def stats(self) -> dict:
-        d = [sn.distance(a, b) for i, a in enumerate(self.members) for b in self.members[i + 1:]]
-        nov = [float(self.novelties([m], self.members[:i] + self.members[i + 1:])[0])
-               for i, m in enumerate(self.members)] if len(self.members) > 1 else []
-        return {"size": len(self.members), "mean_dist": _mean(d), "min_dist": min(d, default=0),
-                "novelty": _mean(nov), "archs": [sn.encode(a) for a in self.members]}
+        """Size, mean and min pairwise Eq.-2 distance, mean novelty of the members, their codes."""
+        n = len(self.members)
+        out = {"size": n, "mean_dist": 0.0, "min_dist": 0.0, "novelty": 0.0,
+               "archs": [sn.encode(a) for a in self.members]}
+        if n > 1:
+            d = torch.cdist(_code_matrix(self.members), _code_matrix(self.members), p=1)
+            pairs = d[torch.triu_indices(n, n, 1).unbind()]
+            nearest = (d + torch.diag(torch.full((n,), math.inf))).topk(min(self.k, n - 1), 1, largest=False).values
+            out.update(mean_dist=pairs.mean().item(), min_dist=pairs.min().item(), novelty=nearest.mean().item())
+        return out
 
     def state(self) -> dict:
         return {"members": [sn.encode(a) for a in self.members], "recent": [sn.encode(a) for a in self.recent]}
@@ -404,22 +414,15 @@ def _code_matrix(archs: list[sn.Arch]) -> torch.Tensor:
     return torch.tensor([sn.layer_codes(a) for a in archs], dtype=torch.float32)
 
 
-def _mean(xs) -> float:
-    xs = list(xs)
-    return sum(xs) / len(xs) if xs else 0.0
-
-
 # ---------------------------------------------------------------- the run's state and its log
 
 class EventLog:
     """`events.jsonl`: one JSON object per line, flushed at once, the contract with the TUI."""
 
     def __init__(self, path: Path | None):
-        self.path = path
         self.file = open(path, "a", encoding="utf-8") if path else None
 
     def __call__(self, event: str, **fields) -> dict:
-        import json
         record = {"time": time.time(), "event": event, **fields}
         if self.file:
             self.file.write(json.dumps(record) + "\n")
@@ -457,11 +460,23 @@ class TrainState:
     stop_requested: bool = False
 
     def config(self) -> dict:
-        return {"preset": asdict(self.preset), "stages": list(self.stages), "seed": self.seed,
-                "aps": self.aps, "kd": self.kd}
+        return run_config(self.preset, self.stages, self.seed, self.aps, self.kd)
 
     def phases(self) -> list[Phase]:
         return [p for s in self.stages for p in stage_phases(s, self.preset, self.aps)]
+
+
+def run_config(preset: Preset, stages, seed: int, aps: str, kd: bool) -> dict:
+    """What a run's results depend on: config.json, and the key a checkpoint must match."""
+    return {"preset": asdict(preset), "stages": list(stages), "seed": seed, "aps": aps, "kd": kd}
+
+
+def config_diff(a: dict, b: dict) -> list[str]:
+    return sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k))
+
+
+def state_from_config(config: dict, device) -> TrainState:
+    return new_state(Preset(**config["preset"]), config["stages"], config["seed"], device, config["aps"], config["kd"])
 
 
 def new_state(preset: Preset, stages, seed: int, device, aps: str = "v3", kd: bool = True) -> TrainState:
@@ -496,8 +511,8 @@ def load_checkpoint(st: TrainState, path: Path) -> None:
     except Exception as e:
         raise TrainingError(f"checkpoint {path} cannot be read ({type(e).__name__}): it is damaged or not ours")
     if config != st.config():
-        diff = sorted(k for k in config.keys() | st.config().keys() if config.get(k) != st.config().get(k))
-        raise TrainingError(f"checkpoint {path} was made with a different config ({', '.join(diff)}); "
+        raise TrainingError(f"checkpoint {path} was made with a different config "
+                            f"({', '.join(config_diff(config, st.config()))}); "
                             "resume with the same options or start a new --run")
     st.net.load_state_dict(blob["net"])
     st.phase_index, st.step = blob["phase_index"], blob["step"]
@@ -678,7 +693,7 @@ def phase_step(st: TrainState, phase: Phase, data, key: int, teacher):
 def run_phase(st: TrainState, phase: Phase, data, log: EventLog, ckpt: Path | None, probe) -> None:
     preset = st.preset
     steps = phase_steps(phase, preset, data.train_size)
-    base_lr = phase.lr * preset.lr_scale
+    base_lr = phase.lr
     if phase.sub is not None:
         if not st.subnets:
             start_sse(st, phase.stage)

@@ -46,7 +46,7 @@ def test_bad_inputs_get_one_line_and_exit_2(runs, tmp_path):
 
 
 def test_an_existing_run_is_never_overwritten(runs):
-    config = nas.run_config(nas.PRESETS["tiny"], ("warmup",), 0, "v3", True)
+    config = nas.ts.run_config(nas.PRESETS["tiny"], ("warmup",), 0, "v3", True)
     nas.open_run("r", config, False, runs)
     saved = (runs / "r" / "config.json").read_text()
     one_line_error(runner.invoke(nas.app, ["train", "--preset", "tiny", "--run", "r", "--stages", "warmup"]),

@@ -34,9 +34,11 @@ def test_aps_versions_differ_exactly_where_the_paper_says():
     assert depth["v1"][2] == ((2, 5), (2, 5), (2, 8), (2, 5))
     assert depth["v2"] == [depth["v1"][0], depth["v1"][1][:3] + ((2, 5),), depth["v1"][2]]
     assert depth["v3"] == [depth["v1"][0][:3] + ((2, 5),), depth["v2"][1], depth["v1"][2]]
-    phases = ts.stage_phases("aps_depth", MICRO, "v1") + ts.stage_phases("aps_width", MICRO)
+    phases = ts.paper_phases("aps_depth", "v1") + ts.paper_phases("aps_width", "v1")
     assert [(p.epochs, p.lr) for p in phases] == [(5, 0.001), (10, 0.002), (15, 0.004),
                                                    (5, 0.001), (10, 0.002), (25, 0.004)]
+    scaled = ts.stage_phases("aps_width", MICRO)[2]
+    assert (scaled.epochs, scaled.lr) == pytest.approx((25 * MICRO.epoch_scale, 0.004 * MICRO.lr_scale))
     assert [p.widths[3] for p in ts.stage_phases("aps_width", MICRO)] == [(1, 2, 3), (1, 2, 3, 4, 5), sn.WIDTH_CODES[3]]
 
 
