@@ -10,6 +10,9 @@ The pipeline of "Improving the Rank Consistency of One-Shot NAS" (APS/CPT/SSE):
     sse34/sse4  Sub-supernet Enhancing with distillation (Sec. 2.3, 3.4)
 
 and the baselines: spos (uniform single path) and ps_depth/ps_width (uniform shrinking).
+Π-NAS ("Pi-NAS", ICCV 2021) is here too, unsupervised: pinas trains the supernet by cross-path
+mean-teacher contrast without labels, then linear_head fits only the classifier on its frozen
+features so that archs can be ranked by top-1; pinas can also precede the supervised stages.
 Every phase restarts its learning rate, warms up linearly and decays by cosine to 0.
 Epochs and learning rates are the paper's; a preset scales all epochs by one factor and all
 learning rates by another, so the ratios between phases stay the paper's.
@@ -24,10 +27,12 @@ import signal
 import struct
 import time
 from collections import deque
+from copy import deepcopy
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
 import supernet as sn
@@ -65,6 +70,7 @@ class Preset:
     probe_eval_images: int = 1000
     log_every: int = 20
     checkpoint_every: int = 500
+    queue_size: int = 65536       # Π-NAS negatives (MoCo's size; small datasets need fewer)
 
     @property
     def shape(self) -> sn.NetShape:
@@ -100,7 +106,7 @@ def _read_idx_gz(path: Path) -> torch.Tensor:
 
 
 def _fashion_mnist(data_dir: Path | None):
-    for d in [data_dir, FASHION_MNIST_DIR, data_dir and data_dir / "FashionMNIST" / "raw"]:
+    for d in [data_dir, data_dir and data_dir / "FashionMNIST" / "raw", FASHION_MNIST_DIR]:
         if d and all((d / f).exists() for f in FASHION_MNIST_FILES):
             xs = [_read_idx_gz(d / f) for f in FASHION_MNIST_FILES]
             return xs[0][:, None], xs[1].long(), xs[2][:, None], xs[3].long()
@@ -175,7 +181,7 @@ class TensorData:
 
     def eval_batches(self, limit: int, batch_size: int):
         n = len(self.test_y) if limit <= 0 else min(limit, len(self.test_y))
-        return [(self.normalize(self.test_x[i:i + batch_size]), self.test_y[i:i + batch_size])
+        return [(self.normalize(self.test_x[i:min(i + batch_size, n)]), self.test_y[i:min(i + batch_size, n)])
                 for i in range(0, n, batch_size)]
 
 
@@ -292,10 +298,17 @@ SSE34_EPOCHS = (6, 9, 6, 9)
 SSE4 = [{(d3, 2) for d3 in range(2, 9)}, {(d3, 5) for d3 in range(2, 9)}]
 SSE4_EPOCHS = (9, 9)  # our reading: the paper gives no SSE4 epochs; we give both groups SSE34's longer length
 SSE_LR = 0.003
-STAGES = ("warmup", "spos", "ps_depth", "ps_width", "aps_depth", "aps_width", "cpt", "sse4", "sse34")
+STAGES = ("warmup", "spos", "ps_depth", "ps_width", "aps_depth", "aps_width", "cpt", "sse4", "sse34", "pinas",
+          "linear_head")
 METHODS = {"full": ("warmup", "aps_depth", "aps_width", "cpt", "sse34"),
            "spos": ("warmup", "spos"),
-           "ps": ("warmup", "ps_depth", "ps_width")}
+           "ps": ("warmup", "ps_depth", "ps_width"),
+           "pinas": ("pinas", "linear_head"),
+           # labels only after Π-NAS; the warm-up then makes SSE's distillation teacher from its weights
+           "pinas_full": ("pinas", "warmup", "aps_depth", "aps_width", "cpt", "sse34")}
+SPOS_EPOCHS = sum(e for e, _, _ in APS_DEPTH["v1"]) + sum(e for e, _, _ in APS_WIDTH)
+PINAS_LR = 0.03             # MoCo's SGD lr at batch 256, scaled linearly with the batch (our reading)
+LINEAR_HEAD_LR = 1.0        # a linear probe on raw pooled features wants a large lr (MoCo uses 30)
 
 
 def sse_groups(stage: str):
@@ -314,6 +327,10 @@ def stage_phases(stage: str, preset: Preset, aps: str = "v3") -> list[Phase]:
     scaled by the preset (the warm-up has no paper counterpart: the preset gives its own)."""
     if stage == "warmup":
         return [Phase(stage, "warmup", preset.warmup_epochs, preset.warmup_lr, 1, MAX_ONLY, WIDEST)]
+    if stage == "pinas":  # from scratch, like the warm-up: its lr is not a fine-tuning lr
+        return [Phase(stage, "pinas", SPOS_EPOCHS * preset.epoch_scale, PINAS_LR * preset.batch_size / 256, 2)]
+    if stage == "linear_head":  # a linear probe as long as the warm-up: forward passes only
+        return [Phase(stage, "linear_head", preset.warmup_epochs, LINEAR_HEAD_LR, 1)]
     return [replace(p, epochs=p.epochs * preset.epoch_scale, lr=p.lr * preset.lr_scale)
             for p in paper_phases(stage, aps)]
 
@@ -330,8 +347,7 @@ def paper_phases(stage: str, aps: str) -> list[Phase]:
     if stage in ("aps_width", "ps_width"):
         return [Phase(stage, f"{stage}/{i + 1}", e, lr, 4, FULL_DEPTHS, w) for i, (e, lr, w) in enumerate(APS_WIDTH)]
     if stage == "spos":  # the same budget in epochs as APS depth + width, one path per step
-        total = sum(e for e, _, _ in APS_DEPTH["v1"]) + sum(e for e, _, _ in APS_WIDTH)
-        return [Phase(stage, "spos", total, 0.004, 1)]
+        return [Phase(stage, "spos", SPOS_EPOCHS, 0.004, 1)]
     if stage == "cpt":
         return [Phase(stage, "cpt", 30, 0.001, 1)]
     if stage in ("sse4", "sse34"):
@@ -457,6 +473,9 @@ class TrainState:
     subnets: dict = field(default_factory=dict)  # SSE sub-supernet index -> weights
     current_sub: int | None = None
     cpt_pool: list = field(default_factory=list)  # SSE: the CPT pool each sub-supernet starts from
+    projector: nn.Module | None = None            # Π-NAS, during its stage: the student's projector,
+    mean_teacher: nn.ModuleDict | None = None     # the EMA teacher (net, projector)
+    queue: "NegativeQueue | None" = None          # and the negatives
     stop_requested: bool = False
 
     def config(self) -> dict:
@@ -487,8 +506,17 @@ def new_state(preset: Preset, stages, seed: int, device, aps: str = "v3", kd: bo
     return TrainState(preset, tuple(stages), seed, aps, kd, net, rng=random.Random(seed))
 
 
-def make_optimizer(net, lr: float) -> torch.optim.SGD:
-    return torch.optim.SGD(net.parameters(), lr=lr, momentum=0.9, weight_decay=3e-5)
+def make_optimizer(params, lr: float) -> torch.optim.SGD:
+    return torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=3e-5)
+
+
+def trainable(st: TrainState, phase: Phase) -> list[nn.Parameter]:
+    """What a phase's optimizer steps: the linear probe only the classifier, Π-NAS also its projector."""
+    if phase.stage == "linear_head":
+        return list(st.net.fc.parameters())
+    if phase.stage == "pinas":
+        return [*st.net.parameters(), *st.projector.parameters()]
+    return list(st.net.parameters())
 
 
 def save_checkpoint(st: TrainState, path: Path) -> None:
@@ -497,20 +525,28 @@ def save_checkpoint(st: TrainState, path: Path) -> None:
     blob = {"config": st.config(), "phase_index": st.phase_index, "step": st.step,
             "net": st.net.state_dict(), "optimizer": st.optimizer.state_dict() if st.optimizer else None,
             "rng": st.rng.getstate(), "pool": st.pool.state(), "teacher": st.teacher,
-            "subnets": st.subnets, "current_sub": st.current_sub, "cpt_pool": st.cpt_pool}
+            "subnets": st.subnets, "current_sub": st.current_sub, "cpt_pool": st.cpt_pool,
+            "pinas": None if st.queue is None else {"projector": st.projector.state_dict(),
+                                                   "teacher": st.mean_teacher.state_dict(),
+                                                   "queue": st.queue.state()}}
     tmp = path.with_name(path.name + ".tmp")
     torch.save(blob, tmp)
     os.replace(tmp, path)
 
 
-def load_checkpoint(st: TrainState, path: Path) -> None:
-    """Restore `st` from `path`; TrainingError when it is unreadable or from another config."""
+def load_checkpoint(st: TrainState, path: Path, extend: bool = False) -> None:
+    """Restore `st` from `path`; TrainingError when it is unreadable or from another config.
+
+    With `extend`, the checkpoint may also be a finished run whose stages begin st's, so st goes
+    on where it ended (the ablation's chains: +CPT starts where APS_v3 ended). Options only
+    later stages use (the APS version before aps_depth, KD before SSE) may then differ.
+    """
     try:
         blob = torch.load(path, map_location=st.net.fc.weight.device, weights_only=True)
         config = blob["config"]
     except Exception as e:
         raise TrainingError(f"checkpoint {path} cannot be read ({type(e).__name__}): it is damaged or not ours")
-    if config != st.config():
+    if config != st.config() and not (extend and _begins(config, blob["phase_index"], st)):
         raise TrainingError(f"checkpoint {path} was made with a different config "
                             f"({', '.join(config_diff(config, st.config()))}); "
                             "resume with the same options or start a new --run")
@@ -520,9 +556,23 @@ def load_checkpoint(st: TrainState, path: Path) -> None:
     st.pool.load(blob["pool"])
     st.teacher, st.subnets, st.current_sub = blob["teacher"], blob["subnets"], blob["current_sub"]
     st.cpt_pool = blob["cpt_pool"]
+    if blob["pinas"] is not None:
+        start_pinas(st)
+        st.projector.load_state_dict(blob["pinas"]["projector"])
+        st.mean_teacher.load_state_dict(blob["pinas"]["teacher"])
+        st.queue.load(blob["pinas"]["queue"])
     if blob["optimizer"] is not None:
-        st.optimizer = make_optimizer(st.net, 0.0)
+        st.optimizer = make_optimizer(trainable(st, st.phases()[st.phase_index]), 0.0)
         st.optimizer.load_state_dict(blob["optimizer"])
+
+
+def _begins(config: dict, phase_index: int, st: TrainState) -> bool:
+    """Whether a run of `config`, finished at `phase_index`, is the beginning of st's run."""
+    stages = tuple(config["stages"])
+    finished = phase_index == sum(len(stage_phases(s, st.preset, config["aps"])) for s in stages)
+    unused = {"stages"} | ({"aps"} if "aps_depth" not in stages else set()) \
+        | ({"kd"} if not {"sse4", "sse34"} & set(stages) else set())
+    return finished and st.stages[:len(stages)] == stages and set(config_diff(config, st.config())) <= unused
 
 
 def _as_tuple(x):
@@ -635,6 +685,193 @@ def _teacher_net(st: TrainState):
     return net.eval().requires_grad_(False)
 
 
+# ---------------------------------------------------------------- Π-NAS
+
+PINAS_DIM, PINAS_T, PINAS_MOMENTUM = 128, 0.2, 0.999
+
+
+class Projector(nn.Module):
+    """Π-NAS's MLP head on pooled features, to a 128-d unit vector. Its first layer is sliced
+    to the path's width, like the supernet's classifier."""
+
+    def __init__(self, width: int, dim: int = PINAS_DIM):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(width, width), nn.Linear(width, dim)
+
+    def forward(self, f: torch.Tensor) -> torch.Tensor:
+        h = F.relu(F.linear(f, self.fc1.weight[:, :f.shape[1]], self.fc1.bias))
+        return F.normalize(self.fc2(h).float(), dim=1)
+
+
+class NegativeQueue:
+    """A fixed-size FIFO of unit vectors: each step's keys overwrite the oldest entries.
+
+    It starts as random unit vectors, as MoCo's does, so the first steps have negatives too;
+    `fill` counts the real keys pushed so far (capped at the size)."""
+
+    def __init__(self, size: int, dim: int, device, seed: int):
+        g = torch.Generator().manual_seed(_mix(seed, 13))
+        self.vectors = F.normalize(torch.randn(size, dim, generator=g), dim=1).to(device)
+        self.ptr, self.fill = 0, 0
+
+    def push(self, keys: torch.Tensor) -> None:
+        size = len(self.vectors)
+        keys = keys[-size:]
+        idx = (self.ptr + torch.arange(len(keys))) % size
+        self.vectors[idx.to(self.vectors.device)] = keys.to(self.vectors.dtype)
+        self.ptr, self.fill = (self.ptr + len(keys)) % size, min(size, self.fill + len(keys))
+
+    def state(self) -> dict:
+        return {"vectors": self.vectors, "ptr": self.ptr, "fill": self.fill}
+
+    def load(self, state: dict) -> None:
+        self.vectors.copy_(state["vectors"])
+        self.ptr, self.fill = state["ptr"], state["fill"]
+
+
+def start_pinas(st: TrainState) -> None:
+    """The projector, the teacher (a copy of the student, made once per stage) and the queue.
+    Seeded apart from the global RNG, so a run resumed before this stage builds the same ones."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(_mix(st.seed, 11))
+        projector = Projector(st.net.fc.in_features).to(st.net.fc.weight.device)
+    st.projector = projector
+    st.mean_teacher = nn.ModuleDict({"net": deepcopy(st.net), "projector": deepcopy(projector)}).requires_grad_(False)
+    st.queue = NegativeQueue(st.preset.queue_size, PINAS_DIM, st.net.fc.weight.device, st.seed)
+
+
+def sample_path_pair(rng: random.Random, depth_ranges=FULL_DEPTHS, width_codes=sn.WIDTH_CODES):
+    """Two archs that differ in every choice the space leaves open: each stage's depth and output
+    width, and the conv1 width of every block both have (Π-NAS's cross-path pairs)."""
+    a = sn.sample_arch(rng, depth_ranges, width_codes)
+
+    def other(value, options):
+        rest = [o for o in options if o != value]
+        return rng.choice(rest) if rest else value
+    depths = tuple(other(d, range(lo, hi + 1)) for d, (lo, hi) in zip(a.depths, depth_ranges))
+    outs = tuple(other(o, width_codes[s]) for s, o in enumerate(a.outs))
+    mids = tuple(tuple(other(a.mids[s][i], width_codes[s]) if i < a.depths[s] else rng.choice(width_codes[s])
+                       for i in range(depths[s])) for s in range(4))
+    return a, sn.Arch(depths, outs, mids)
+
+
+def contrastive_views(x: torch.Tensor, n: int, g: torch.Generator) -> list[torch.Tensor]:
+    """n augmented views of a (normalized) batch, on its device, in one grid_sample: random
+    resized crop (area 0.2-1, aspect 3/4-4/3), flip, brightness and contrast jitter, and for
+    colour images grayscale with p = 0.2 (MoCo v2's recipe without blur, for small images)."""
+    b, c = len(x), x.shape[1]
+    m = n * b
+    area, aspect = torch.empty(m).uniform_(0.2, 1, generator=g), torch.empty(m).uniform_(-0.288, 0.288, generator=g).exp()
+    w, h = (area * aspect).sqrt().clamp(max=1), (area / aspect).sqrt().clamp(max=1)
+    cx, cy = (torch.rand(m, generator=g) * 2 - 1) * (1 - w), (torch.rand(m, generator=g) * 2 - 1) * (1 - h)
+    flip = torch.where(torch.rand(m, generator=g) < 0.5, -1.0, 1.0)
+    zero = torch.zeros(m)
+    theta = torch.stack([torch.stack([w * flip, zero, cx], 1), torch.stack([zero, h, cy], 1)], 1)
+    contrast, shift = torch.empty(m).uniform_(0.6, 1.4, generator=g), torch.empty(m).uniform_(-0.4, 0.4, generator=g)
+    gray = torch.rand(m, generator=g) < 0.2
+    dev = x.device
+    xs = x.float().repeat(n, 1, 1, 1)
+    out = F.grid_sample(xs, F.affine_grid(theta.to(dev), list(xs.shape), align_corners=False), align_corners=False)
+    if c == 3:
+        out = torch.where(gray.to(dev)[:, None, None, None], out.mean(1, keepdim=True).expand_as(out), out)
+    out = out * contrast.to(dev)[:, None, None, None] + shift.to(dev)[:, None, None, None]
+    if out.is_cuda:
+        out = out.contiguous(memory_format=torch.channels_last)
+    return list(out.chunk(n))
+
+
+def teacher_embed(st: TrainState, x: torch.Tensor, arch: sn.Arch, perm: torch.Tensor) -> torch.Tensor:
+    """The teacher's keys for `x` through `arch`, with shuffle-BN done on one device: the batch
+    is permuted and split in two halves whose BN statistics are computed apart, so no key is
+    normalized with the same batch statistics as its query (the student sees the whole batch in
+    order). On several GPUs MoCo gets this by shuffling the keys across devices."""
+    net, projector = st.mean_teacher["net"], st.mean_teacher["projector"]
+    f = torch.cat([net.features(half, arch) for half in x[perm].chunk(2)])
+    return projector(f)[perm.argsort()]
+
+
+def info_nce(q: torch.Tensor, k: torch.Tensor, negatives: torch.Tensor) -> torch.Tensor:
+    """-log of the positive's softmax share against the queue's negatives, temperature 0.2."""
+    logits = torch.cat([(q * k).sum(1, keepdim=True), q @ negatives.T], 1) / PINAS_T
+    return F.cross_entropy(logits, torch.zeros(len(q), dtype=torch.long, device=q.device))
+
+
+def pinas_step(st: TrainState, phase: Phase, x: torch.Tensor):
+    """Π-NAS (Pi-NAS Sec. 3; SPEC §4 item 5): cross-path learning with a nontrivial mean teacher.
+
+    Four views q0, k0, q1, k1; two paths A and B that differ in every choice. The student runs A
+    on q0 and B on q1, the teacher A on k0 and B on k1; the positive of student A is teacher B
+    and vice versa, so each path is pulled toward the other's features (the feature shift the
+    paper names), with the queue's negatives keeping the teacher nontrivial. Loss: the mean of
+    the two InfoNCE terms. The queue then receives the normalized mean of the two teacher keys.
+    Labels are never read: this function is not given them.
+    """
+    g = torch.Generator().manual_seed(_mix(st.seed, st.phase_index, st.step, 5))
+    q0, k0, q1, k1 = contrastive_views(x, 4, g)
+    a, b = sample_path_pair(st.rng, phase.depths, phase.widths)
+    perm = torch.randperm(len(x), generator=g).to(x.device)
+    with autocast(x.device):
+        with torch.no_grad():
+            ka, kb = teacher_embed(st, k0, a, perm), teacher_embed(st, k1, b, perm)
+        qa, qb = st.projector(st.net.features(q0, a)), st.projector(st.net.features(q1, b))
+        loss = 0.5 * (info_nce(qa, kb, st.queue.vectors) + info_nce(qb, ka, st.queue.vectors))
+    loss.backward()  # before the push: the loss's graph holds the queue as it was
+    st.queue.push(F.normalize(ka + kb, dim=1))
+    return [a, b], [loss.detach()]
+
+
+def used_slices(net: sn.Supernet, arch: sn.Arch) -> list[tuple[str, int, int]]:
+    """(module name, out channels, in channels) of every sliced conv+BN that `arch` runs."""
+    stem, plan = sn.arch_channels(arch, net.shape)
+    used, i = [("stem", stem, net.shape.in_channels)], 0
+    for s in range(4):
+        for b in range(arch.depths[s]):
+            cin, mid, cout, _ = plan[i]
+            used += [(f"stages.{s}.{b}.conv1", mid, cin), (f"stages.{s}.{b}.conv2", cout, mid)]
+            if net.stages[s][b].shortcut is not None:
+                used.append((f"stages.{s}.{b}.shortcut", cout, cin))
+            i += 1
+    return used
+
+
+@torch.no_grad()
+def update_mean_teacher(st: TrainState, archs, momentum: float = PINAS_MOMENTUM) -> None:
+    """teacher <- m teacher + (1 - m) student on the slices the step's paths ran (their union),
+    and on the projector's; every other teacher weight keeps its value. A path's update says
+    nothing about weights it did not use, so averaging those in would only drag the teacher
+    toward weights that other paths last left there."""
+    student, teacher = dict(st.net.named_modules()), dict(st.mean_teacher["net"].named_modules())
+    masks = {}
+    for arch in archs:
+        for name, cout, cin in used_slices(st.net, arch):
+            mask = masks.setdefault(name, student[name].weight.new_zeros(student[name].weight.shape[:2]))
+            mask[:cout, :cin] = 1 - momentum
+    for name, w in masks.items():
+        s, t = student[name], teacher[name]
+        t.weight.lerp_(s.weight, w[:, :, None, None])
+        rows = w.amax(1)
+        t.bn.weight.lerp_(s.bn.weight, rows)
+        t.bn.bias.lerp_(s.bn.bias, rows)
+    width = max(sn.arch_channels(a, st.net.shape)[1][-1][2] for a in archs)
+    sp, tp = st.projector, st.mean_teacher["projector"]
+    tp.fc1.weight[:, :width].lerp_(sp.fc1.weight[:, :width], 1 - momentum)
+    for t, s in [(tp.fc1.bias, sp.fc1.bias), (tp.fc2.weight, sp.fc2.weight), (tp.fc2.bias, sp.fc2.bias)]:
+        t.lerp_(s, 1 - momentum)
+
+
+def linear_head_step(st: TrainState, phase: Phase, x, y):
+    """Π-NAS's ranking needs a classifier (its training saw no labels): our reading of its linear
+    evaluation trains only the supernet's sliced classifier on frozen features, a random path
+    per batch, so every arch can then be ranked by calibrated top-1 like any other run's."""
+    arch = sample_in(st, phase)
+    with autocast(x.device):
+        with torch.no_grad():
+            f = st.net.features(x, arch)
+        loss = F.cross_entropy(F.linear(f, st.net.fc.weight[:, :f.shape[1]], st.net.fc.bias), y)
+    loss.backward()
+    return [arch], [loss.detach()]
+
+
 # ---------------------------------------------------------------- the loop
 
 def train(st: TrainState, data, run_dir: Path | None, log: EventLog, probe=None) -> TrainState:
@@ -666,6 +903,8 @@ def train(st: TrainState, data, run_dir: Path | None, log: EventLog, probe=None)
             run_phase(st, phase, data, log, ckpt, probe)
             if phase.stage == "warmup":
                 st.teacher = {k: v.clone() for k, v in sn.extract_subnet(st.net, sn.MAX_ARCH).state_dict().items()}
+            if last and phase.stage == "pinas":  # nothing after Π-NAS needs them
+                st.projector = st.mean_teacher = st.queue = None
             if last and phase.sub is not None:
                 swap_sub(st, len(sse_groups(phase.stage)[0]))  # the net holds the shared copy between stages
             st.phase_index, st.step, st.optimizer = st.phase_index + 1, 0, None
@@ -686,13 +925,17 @@ def phase_step(st: TrainState, phase: Phase, data, key: int, teacher):
     x, y = data.train_batch(key, st.step, st.preset.batch_size)
     if phase.sub is not None:
         return sse_step(st, phase, x, y, teacher)
-    step_fn = {"warmup": warmup_step, "cpt": cpt_step}.get(phase.stage, sampled_step)
+    if phase.stage == "pinas":
+        return pinas_step(st, phase, x)
+    step_fn = {"warmup": warmup_step, "cpt": cpt_step, "linear_head": linear_head_step}.get(phase.stage, sampled_step)
     return step_fn(st, phase, x, y)
 
 
 def run_phase(st: TrainState, phase: Phase, data, log: EventLog, ckpt: Path | None, probe) -> None:
     preset = st.preset
     steps = phase_steps(phase, preset, data.train_size)
+    if phase.stage == "pinas":
+        probe = None  # the classifier is not trained yet: a probe would measure noise
     base_lr = phase.lr
     if phase.sub is not None:
         if not st.subnets:
@@ -700,10 +943,12 @@ def run_phase(st: TrainState, phase: Phase, data, log: EventLog, ckpt: Path | No
         swap_sub(st, phase.sub)
         if st.step == 0:  # each sub-supernet's pool starts from the CPT members inside its region
             st.pool.members = [m for m in map(sn.decode, st.cpt_pool) if sse_owner(m, phase.stage) == phase.sub]
+    if phase.stage == "pinas" and st.queue is None:
+        start_pinas(st)
     log("phase_start", stage=phase.stage, phase=phase.name, index=st.phase_index + 1, of=len(st.phases()),
         steps=steps, lr=base_lr, k=phase.k, space=phase.space(), sub=phase.sub, resumed_at=st.step)
     if st.optimizer is None:
-        st.optimizer = make_optimizer(st.net, base_lr)
+        st.optimizer = make_optimizer(trainable(st, phase), base_lr)
     teacher = _teacher_net(st) if phase.sub is not None else None
     key = _mix(st.seed, st.phase_index)
     pending, seen, loss = [], 0, None
@@ -715,6 +960,8 @@ def run_phase(st: TrainState, phase: Phase, data, log: EventLog, ckpt: Path | No
         st.optimizer.zero_grad(set_to_none=True)
         archs, losses = phase_step(st, phase, data, key, teacher)
         st.optimizer.step()
+        if phase.stage == "pinas":
+            update_mean_teacher(st, archs)
         st.step += 1
         seen += preset.batch_size * len(archs)
         pending.append((archs, torch.stack(losses)))
@@ -722,7 +969,9 @@ def run_phase(st: TrainState, phase: Phase, data, log: EventLog, ckpt: Path | No
             loss = check_finite(pending, phase, st.step)
             log("progress", stage=phase.stage, phase=phase.name, step=st.step, steps=steps, loss=loss,
                 lr=st.optimizer.param_groups[0]["lr"], ips=seen / max(time.perf_counter() - t0, 1e-9),
-                epoch=st.step * preset.batch_size / data.train_size)
+                epoch=st.step * preset.batch_size / data.train_size,
+                **({"queue_fill": st.queue.fill / len(st.queue.vectors), "ema_momentum": PINAS_MOMENTUM}
+                   if phase.stage == "pinas" else {}))
             if phase.stage in ("cpt", "sse4", "sse34"):
                 log("pool", stage=phase.stage, step=st.step, **st.pool.stats())
             pending, seen, t0 = [], 0, time.perf_counter()

@@ -176,3 +176,24 @@ def test_batches_are_a_pure_function_of_key_and_step(micro_data):
     x2, y2 = micro_data.train_batch(5, 7, 32)
     assert torch.equal(x1, x2) and torch.equal(y1, y2)
     assert x1.shape == (32, 1, 28, 28) and abs(float(micro_data.normalize(micro_data.train_x[:512]).mean())) < 0.1
+
+
+def test_a_chained_run_equals_one_run_of_all_its_stages(tmp_path, micro_data):
+    parent = tmp_path / "warmup.pt"
+    ts.save_checkpoint(ts.train(ts.new_state(MICRO, ("warmup",), 0, "cpu", kd=False), micro_data, None,
+                                ts.EventLog(None)), parent)
+    chained = ts.new_state(MICRO, ("warmup", "spos"), 0, "cpu")  # kd differs: nothing so far used it
+    ts.load_checkpoint(chained, parent, extend=True)
+    assert chained.phase_index == 1 and chained.step == 0
+    ts.train(chained, micro_data, None, ts.EventLog(None))
+    whole = ts.train(ts.new_state(MICRO, ("warmup", "spos"), 0, "cpu"), micro_data, None, ts.EventLog(None))
+    for k, v in whole.net.state_dict().items():
+        assert torch.equal(v, chained.net.state_dict()[k]), k
+
+    for stages, seed in [(("spos",), 0), (("warmup", "spos"), 1)]:  # not its beginning; another seed
+        with pytest.raises(ts.TrainingError, match="different config"):
+            ts.load_checkpoint(ts.new_state(MICRO, stages, seed, "cpu"), parent, extend=True)
+    unfinished = ts.new_state(MICRO, ("warmup", "spos"), 0, "cpu")
+    ts.save_checkpoint(unfinished, parent)
+    with pytest.raises(ts.TrainingError, match="different config"):
+        ts.load_checkpoint(ts.new_state(MICRO, ("warmup", "spos", "cpt"), 0, "cpu"), parent, extend=True)

@@ -1,0 +1,175 @@
+import json
+import os
+import random
+import signal
+from dataclasses import replace
+
+import pytest
+import torch
+
+import supernet as sn
+import train_stages as ts
+from conftest import MICRO
+
+# Π-NAS in about 6 steps: the stage is as long as SPOS (70 paper epochs).
+PINAS = replace(MICRO, epoch_scale=0.005, queue_size=128, log_every=1)
+
+
+def pinas_state(preset=PINAS, stages=("pinas",)):
+    st = ts.new_state(preset, stages, 0, "cpu")
+    ts.start_pinas(st)
+    return st
+
+
+def test_the_two_paths_differ_in_every_choice():
+    rng = random.Random(0)
+    spaces = [(ts.FULL_DEPTHS, sn.WIDTH_CODES), (((4, 5), (4, 5), (6, 8), (2, 5)), ((1, 2, 3),) * 4)]
+    for depth_ranges, widths in spaces:
+        for _ in range(500):
+            a, b = ts.sample_path_pair(rng, depth_ranges, widths)
+            for s in range(4):
+                assert a.depths[s] != b.depths[s] and a.outs[s] != b.outs[s]
+                assert all(x != y for x, y in zip(a.mids[s], b.mids[s]))
+                lo, hi = depth_ranges[s]
+                for arch in (a, b):
+                    assert lo <= arch.depths[s] <= hi and set(arch.mids[s]) | {arch.outs[s]} <= set(widths[s])
+                    assert len(arch.mids[s]) == arch.depths[s]
+
+
+def test_a_choice_with_one_option_is_shared():
+    a, b = ts.sample_path_pair(random.Random(1), ts.MAX_ONLY, ts.WIDEST)
+    assert a == b == sn.MAX_ARCH
+
+
+def test_mean_teacher_moves_exactly_the_used_slices_by_the_ema_rule(micro_data):
+    st = pinas_state()
+    with torch.no_grad():
+        for p in st.mean_teacher.parameters():
+            p.add_(torch.randn_like(p))  # student and teacher now differ everywhere
+    a, b = ts.sample_path_pair(random.Random(3))
+    # which weights a path uses, found independently of the code under test: where its gradient is
+    x, _ = micro_data.train_batch(0, 0, 8)
+    st.net.zero_grad()
+    st.projector.zero_grad()
+    for arch in (a, b):
+        st.projector(st.net.features(x, arch)).sum().backward()
+    before = {k: v.clone() for k, v in st.mean_teacher.state_dict().items()}
+    m = 0.9
+    ts.update_mean_teacher(st, [a, b], momentum=m)
+    students = {"net": dict(st.net.named_parameters()), "projector": dict(st.projector.named_parameters())}
+    moved = 0
+    for name, t in st.mean_teacher.named_parameters():
+        owner, pname = name.split(".", 1)
+        s = students[owner][pname]
+        used = s.grad != 0 if s.grad is not None else torch.zeros_like(s, dtype=torch.bool)
+        if owner == "projector":  # hidden units can be dead on 8 images, but a path uses whole input columns
+            used = used.any(0, keepdim=True).expand_as(s) if pname == "fc1.weight" else torch.ones_like(used)
+        expected = torch.where(used, m * before[name] + (1 - m) * s, before[name])
+        torch.testing.assert_close(t, expected, rtol=1e-6, atol=1e-7, msg=name)
+        assert torch.equal(t[~used], before[name][~used]), name  # untouched means bit-for-bit
+        moved += int(used.sum())
+    assert moved > 0
+    assert torch.equal(st.mean_teacher["net"].fc.weight, before["net.fc.weight"])  # Π-NAS never uses it
+
+
+def test_queue_is_a_fixed_size_fifo():
+    q = ts.NegativeQueue(5, 2, "cpu", seed=0)
+    assert q.vectors.shape == (5, 2) and q.fill == 0
+    keys = torch.arange(16.0).view(8, 2)
+    q.push(keys[:3])
+    assert q.fill == 3 and torch.equal(q.vectors[:3], keys[:3])
+    q.push(keys[3:7])  # wraps: the two oldest (0, 1) are overwritten by 5, 6
+    assert q.fill == 5 and q.vectors.shape == (5, 2)
+    assert torch.equal(q.vectors, keys[[5, 6, 2, 3, 4]])
+    q.push(keys)  # more keys than places: the newest five stay
+    assert sorted(q.vectors[:, 0].tolist()) == keys[3:, 0].tolist()
+
+
+class NoLabels:
+    """The real data, but labels that break any loss they reach."""
+
+    def __init__(self, data):
+        self.data, self.train_size = data, data.train_size
+
+    def train_batch(self, key, step, batch_size):
+        x, y = self.data.train_batch(key, step, batch_size)
+        return x, torch.full(y.shape, float("nan"))
+
+
+def test_no_label_reaches_the_loss(micro_data):
+    st = pinas_state()
+    phase = st.phases()[0]
+    archs, losses = ts.phase_step(st, phase, NoLabels(micro_data), key=1, teacher=None)
+    assert len(archs) == 2 and torch.isfinite(losses[0])
+    assert st.queue.fill == PINAS.batch_size
+
+
+def test_a_few_steps_lower_the_infonce_loss_on_real_images(micro_data):
+    st = pinas_state(replace(PINAS, queue_size=256))
+    start = pinas_state(replace(PINAS, queue_size=256))  # the same initial weights, kept
+    phase = st.phases()[0]
+    opt = ts.make_optimizer(ts.trainable(st, phase), 0.05)
+    for step in range(10):
+        st.step = step
+        x, _ = micro_data.train_batch(7, step, 32)
+        opt.zero_grad()
+        archs, _ = ts.pinas_step(st, phase, x)
+        opt.step()
+        ts.update_mean_teacher(st, archs)
+    assert st.queue.fill == 256  # only real keys as negatives now
+
+    a, b = ts.sample_path_pair(random.Random(5))
+    x, _ = micro_data.train_batch(99, 0, 64)  # images the steps did not see
+    views = ts.contrastive_views(x, 4, torch.Generator().manual_seed(0))
+    perm = torch.randperm(64, generator=torch.Generator().manual_seed(1))
+
+    def loss(state):
+        with torch.no_grad():
+            ka, kb = ts.teacher_embed(state, views[1], a, perm), ts.teacher_embed(state, views[3], b, perm)
+            qa = state.projector(state.net.features(views[0], a))
+            qb = state.projector(state.net.features(views[2], b))
+            return float(ts.info_nce(qa, kb, st.queue.vectors) + ts.info_nce(qb, ka, st.queue.vectors)) / 2
+
+    assert loss(st) < loss(start) - 0.1
+
+
+def test_resume_restores_teacher_and_queue_exactly(tmp_path, micro_data):
+    whole = ts.train(ts.new_state(PINAS, ("pinas",), 0, "cpu"), micro_data, None, ts.EventLog(None))
+    cut = ts.new_state(PINAS, ("pinas",), 0, "cpu")
+    events = []
+
+    def log(event, **fields):  # a real Ctrl-C after step 3, handled by the training loop
+        events.append({"event": event, **fields})
+        if event == "progress" and fields["step"] == 3:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    with pytest.raises(ts.Stopped):
+        ts.train(cut, micro_data, tmp_path, log)
+    assert 0 < cut.queue.fill < PINAS.queue_size  # the queue is partly real keys: its state matters
+    resumed = ts.new_state(PINAS, ("pinas",), 0, "cpu")
+    ts.load_checkpoint(resumed, tmp_path / "checkpoints" / "last.pt")
+    assert resumed.step == 3
+    for mine, theirs in [(resumed.mean_teacher, cut.mean_teacher), (resumed.projector, cut.projector),
+                         (resumed.net, cut.net)]:
+        for (k, v), w in zip(mine.state_dict().items(), theirs.state_dict().values()):
+            assert torch.equal(v, w), k
+    assert torch.equal(resumed.queue.vectors, cut.queue.vectors)
+    assert (resumed.queue.ptr, resumed.queue.fill) == (cut.queue.ptr, cut.queue.fill)
+
+    ts.train(resumed, micro_data, tmp_path, ts.EventLog(None))
+    for k, v in whole.net.state_dict().items():
+        assert torch.equal(v, resumed.net.state_dict()[k]), k
+    assert resumed.mean_teacher is None and resumed.queue is None  # dropped once the stage is over
+    progress = [e for e in events if e["event"] == "progress"]
+    assert [e["queue_fill"] for e in progress] == [min(1.0, i * PINAS.batch_size / PINAS.queue_size)
+                                                   for i in range(1, 4)]
+    assert all(e["ema_momentum"] == ts.PINAS_MOMENTUM for e in progress)
+    json.dumps(events)  # the log holds plain JSON values
+
+
+def test_linear_head_trains_only_the_classifier(micro_data):
+    st = ts.new_state(PINAS, ("linear_head",), 0, "cpu")
+    before = {k: v.clone() for k, v in st.net.named_parameters()}
+    ts.train(st, micro_data, None, ts.EventLog(None))
+    for k, v in st.net.named_parameters():
+        assert torch.equal(v, before[k]) != k.startswith("fc."), k
