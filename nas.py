@@ -29,12 +29,12 @@ PRESETS = {
                       epoch_scale=0.008, lr_scale=10, warmup_epochs=1, warmup_lr=0.1, train_subset=5000,
                       eval_subset=1000, calib_batches=4, calib_batch_size=128, gt_epochs=1.5, gt_lr=0.1,
                       gt_n=8, gt_twice=4, probe_every=0, probe_calib_batches=2, probe_eval_images=500,
-                      log_every=5, checkpoint_every=50),
+                      log_every=5, checkpoint_every=50, queue_size=1024),
     # One GPU, about an hour: CIFAR-10 at half width, a paper epoch is a quarter of CIFAR.
     "cifar": ts.Preset("cifar", "cifar10", 32, 3, 10, width_mult=0.5, divisor=4, batch_size=256,
                        epoch_scale=0.25, lr_scale=10, warmup_epochs=15, warmup_lr=0.2, eval_subset=10000,
                        calib_batches=8, calib_batch_size=250, gt_epochs=8, gt_lr=0.2, gt_n=50, gt_twice=10,
-                       probe_every=200, probe_calib_batches=4, probe_eval_images=2000),
+                       probe_every=200, probe_calib_batches=4, probe_eval_images=2000, queue_size=4096),
     # The paper's schedule on ImageNet (the warm-up and ground truth recipe are ours).
     "paper": ts.Preset("paper", "imagenet", 224, 3, 1000, width_mult=1.0, divisor=8, batch_size=256,
                        epoch_scale=1.0, lr_scale=1.0, warmup_epochs=90, warmup_lr=0.1, eval_subset=50000,

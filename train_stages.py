@@ -308,7 +308,7 @@ METHODS = {"full": ("warmup", "aps_depth", "aps_width", "cpt", "sse34"),
            "pinas_full": ("pinas", "warmup", "aps_depth", "aps_width", "cpt", "sse34")}
 SPOS_EPOCHS = sum(e for e, _, _ in APS_DEPTH["v1"]) + sum(e for e, _, _ in APS_WIDTH)
 PINAS_LR = 0.03             # MoCo's SGD lr at batch 256, scaled linearly with the batch (our reading)
-LINEAR_HEAD_LR = 1.0        # a linear probe on raw pooled features wants a large lr (MoCo uses 30)
+LINEAR_HEAD_LR = 0.03       # raw pooled features (norm ~8, one common mode) diverge above ~0.1
 
 
 def sse_groups(stage: str):
@@ -950,6 +950,9 @@ def run_phase(st: TrainState, phase: Phase, data, log: EventLog, ckpt: Path | No
     if st.optimizer is None:
         st.optimizer = make_optimizer(trainable(st, phase), base_lr)
     teacher = _teacher_net(st) if phase.sub is not None else None
+    if phase.sub is not None and st.kd and teacher is None:
+        log("warning", message=f"{phase.name}: distillation asked for, but no warm-up ran before it to be the "
+                               "teacher; training without KD")
     key = _mix(st.seed, st.phase_index)
     pending, seen, loss = [], 0, None
     t0 = started = time.perf_counter()
@@ -985,9 +988,9 @@ def run_phase(st: TrainState, phase: Phase, data, log: EventLog, ckpt: Path | No
             log("checkpoint", path=str(ckpt), stage=phase.stage, phase=phase.name, step=st.step)
         if probe and preset.probe_every and st.step % preset.probe_every == 0 and st.step < steps:
             log_probe(st, phase, probe, log)
+    log("phase_end", stage=phase.stage, phase=phase.name, loss=loss, seconds=time.perf_counter() - started)
     if probe:
         log_probe(st, phase, probe, log)
-    log("phase_end", stage=phase.stage, phase=phase.name, loss=loss, seconds=time.perf_counter() - started)
 
 
 def log_probe(st: TrainState, phase: Phase, probe, log: EventLog) -> None:

@@ -197,3 +197,10 @@ def test_a_chained_run_equals_one_run_of_all_its_stages(tmp_path, micro_data):
     ts.save_checkpoint(unfinished, parent)
     with pytest.raises(ts.TrainingError, match="different config"):
         ts.load_checkpoint(ts.new_state(MICRO, ("warmup", "spos", "cpt"), 0, "cpu"), parent, extend=True)
+
+
+def test_sse_without_a_warm_up_says_it_trains_without_distillation(micro_data):
+    events = []
+    ts.train(ts.new_state(MICRO, ("sse4",), 0, "cpu"), micro_data, None, lambda e, **f: events.append((e, f)))
+    warnings = [f["message"] for e, f in events if e == "warning"]
+    assert len(warnings) == 2 and all("without KD" in w for w in warnings)

@@ -1,0 +1,154 @@
+"""The papers' ablation on one dataset and one budget, against one ground truth.
+
+    python bench/ablation.py --preset tiny                  # CPU: proves the machinery, not the method
+    python bench/ablation.py --preset cifar --data-dir D    # one GPU: the real table
+
+Variants (APS/CPT/SSE paper, Tables 1-3, and Π-NAS): SPOS, PS, APS_v1, APS_v2, APS_v3, +CPT,
++SSE4, +SSE34, +SSE34+Dis, Π-NAS, and Π-NAS followed by APS_v3+CPT+SSE34+Dis; and FLOPs and
+parameter count as rankings that cost no training. Each variant goes on from the checkpoint of
+the variant it extends, as in the paper (all supervised ones from one warm-up), so the table
+costs little more than its longest chain. Training times are reported whole: a variant's own
+stages plus those of the chain it starts from.
+
+Everything lands in runs/ablation-<preset>/ (ground truth, one checkpoint per variant, events),
+so a killed ablation run again skips what is done. Writes bench/results/ablation-<dataset>-<device>.json
+and .md.
+"""
+
+import json
+import platform
+import sys
+import time
+from datetime import date
+from pathlib import Path
+
+import torch
+import typer
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import evaluate as ev  # noqa: E402
+import nas  # noqa: E402
+import supernet as sn  # noqa: E402
+import train_stages as ts  # noqa: E402
+
+APS = ("warmup", "aps_depth", "aps_width")
+# name: (stages, APS version, KD, the variant it goes on from)
+VARIANTS = {
+    "SPOS": (("warmup", "spos"), "v3", False, "warm-up"),
+    "PS": (("warmup", "ps_depth", "ps_width"), "v3", False, "warm-up"),
+    "APS_v1": (APS, "v1", False, "warm-up"),
+    "APS_v2": (APS, "v2", False, "warm-up"),
+    "APS_v3": (APS, "v3", False, "warm-up"),
+    "APS_v3+CPT": (APS + ("cpt",), "v3", False, "APS_v3"),
+    "+SSE4": (APS + ("cpt", "sse4"), "v3", False, "APS_v3+CPT"),
+    "+SSE34": (APS + ("cpt", "sse34"), "v3", False, "APS_v3+CPT"),
+    "+SSE34+Dis": (APS + ("cpt", "sse34"), "v3", True, "APS_v3+CPT"),
+    "Pi-NAS": (("pinas", "linear_head"), "v3", False, "Pi-NAS-pre"),
+    "Pi-NAS+APS_v3+CPT+SSE34+Dis": (("pinas",) + APS + ("cpt", "sse34"), "v3", True, "Pi-NAS-pre"),
+}
+# chain links that are not variants themselves
+BASES = {"warm-up": (("warmup",), "v3", False, None), "Pi-NAS-pre": (("pinas",), "v3", False, None)}
+PAPER_PEARSON = {"PS": 0.79884, "APS_v2": 0.80141, "APS_v3": 0.80263, "APS_v3+CPT": 0.81415, "+SSE4": 0.82166,
+                 "+SSE34": 0.83768, "+SSE34+Dis": 0.84652}
+
+
+def train_variant(name: str, preset: ts.Preset, data, device: str, folder: Path, log, seed: int) -> tuple:
+    """The variant's trained state and its whole training time; what is done is never redone:
+    a finished variant is loaded, an interrupted one resumed from its last checkpoint."""
+    stages, aps, kd, parent = {**BASES, **VARIANTS}[name]
+    st = ts.new_state(preset, stages, seed, device, aps, kd)
+    final, run_dir = folder / "checkpoints" / f"{name}.pt", folder / name
+    if final.exists():
+        ts.load_checkpoint(st, final)
+        return st, json.loads(final.with_suffix(".json").read_text())["seconds"]
+    seconds = train_variant(parent, preset, data, device, folder, log, seed)[1] if parent else 0.0
+    if (run_dir / "checkpoints" / "last.pt").exists():
+        ts.load_checkpoint(st, run_dir / "checkpoints" / "last.pt")
+    elif parent:
+        ts.load_checkpoint(st, folder / "checkpoints" / f"{parent}.pt", extend=True)
+    t = time.perf_counter()
+    ts.train(st, data, run_dir, log)
+    seconds += time.perf_counter() - t
+    ts.save_checkpoint(st, final)
+    ev.write_json_atomic(final.with_suffix(".json"), {"seconds": seconds})
+    return st, seconds
+
+
+def targets(rows: list[dict], ceiling: dict | None) -> dict:
+    """Issue 7's targets for the full pipeline's Kendall tau, where the rows to judge are there."""
+    tau = {r["variant"]: r["metrics"]["kendall"] for r in rows}
+    full, out = tau.get("+SSE34+Dis"), {}
+    if full is None:
+        return out
+    out["beats FLOPs"] = full > tau["FLOPs"]
+    if "SPOS" in tau:
+        out["SPOS + 0.1 or more"] = full >= tau["SPOS"] + 0.1
+    if ceiling and ceiling["kendall"] > 0:  # a ceiling at or below 0 says the ground truth is noise
+        out["80% of the noise ceiling or more"] = full >= 0.8 * ceiling["kendall"]
+    return out
+
+
+def table(rows: list[dict], ceiling: dict | None) -> str:
+    lines = ["| variant | pearson | kendall | spearman | n | training s | paper pearson |", "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        m = r["metrics"]
+        cells = [ev.format_metric(m, k) for k in ev.METRICS]
+        seconds = f"{r['seconds']:.0f}" if r["seconds"] is not None else "none"
+        paper = f"{PAPER_PEARSON[r['variant']]:.5f}" if r["variant"] in PAPER_PEARSON else ""
+        lines.append(f"| {r['variant']} | {' | '.join(cells)} | {m['n']} | {seconds} | {paper} |")
+    if ceiling:
+        lines.append(f"| noise ceiling (seed vs seed) | {' | '.join(ev.format_metric(ceiling, k) for k in ev.METRICS)} "
+                     f"| {ceiling['n']} | | |")
+    return "\n".join(lines)
+
+
+def main(preset: str = typer.Option("cifar", help="tiny, cifar or paper"),
+         variants: str = typer.Option(",".join(VARIANTS), help="comma-separated variants to run"),
+         gt_n: int = typer.Option(None, help="ground-truth archs (default: the preset's)"),
+         seed: int = 0, device: str = "auto", data_dir: Path = typer.Option(None),
+         out: Path = Path("bench/results")):
+    p = nas.get_preset(preset)
+    chosen = [v.strip() for v in variants.split(",") if v.strip()]
+    unknown = [v for v in chosen if v not in VARIANTS]
+    if unknown:
+        nas.die(f"unknown variant {unknown[0]!r}; variants are {', '.join(VARIANTS)}")
+    device = nas.pick_device(device)
+    data = nas.load_data(p, device, data_dir)
+    folder = nas.RUNS / f"ablation-{p.name}"
+    (folder / "checkpoints").mkdir(parents=True, exist_ok=True)
+    log = nas.Console(ts.EventLog(folder / "events.jsonl"), quiet=False)
+    n = gt_n or p.gt_n
+    truth, ceiling = nas.ground_truth_step(folder, p, data, log, n, min(p.gt_twice, n), seed)
+    codes = list(truth)
+    archs, y = [sn.decode(c) for c in codes], [truth[c] for c in codes]
+    sizes = [sn.count_flops_params(a, p.image_size, p.shape) for a in archs]
+    rows = [{"variant": "FLOPs", "metrics": ev.rank_metrics([f for f, _ in sizes], y), "seconds": None},
+            {"variant": "params", "metrics": ev.rank_metrics([q for _, q in sizes], y), "seconds": None}]
+    calib = data.calib_batches(p.calib_batches, p.calib_batch_size, seed=0)
+    evals = data.eval_batches(p.eval_subset, 500)
+    for name in chosen:
+        try:
+            st, seconds = train_variant(name, p, data, device, folder, log, seed)
+        except (ts.TrainingError, ts.Stopped) as e:
+            nas.die(f"{name}: {e}", 1)
+        accs = ev.evaluate_archs(st, archs, calib, evals)
+        rows.append({"variant": name, "metrics": ev.rank_metrics([accs[c] for c in codes], y), "seconds": seconds,
+                     "stages": list(st.stages), "aps": st.aps, "kd": st.kd, "accs": accs})
+        typer.echo(f"{name:30} kendall {ev.format_metric(rows[-1]['metrics'], 'kendall')}  {seconds:.0f} s")
+    device_name = torch.cuda.get_device_name() if device == "cuda" else platform.processor() or "cpu"
+    md = table(rows, ceiling)
+    verdicts = targets(rows, ceiling)
+    md += "".join(f"\n\nTarget, Kendall tau of +SSE34+Dis: {k}: {'met' if v else 'NOT met'}" for k, v in verdicts.items())
+    typer.echo("\n" + md)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = out / f"ablation-{p.dataset}-{device}"
+    ev.write_json_atomic(stem.with_suffix(".json"), {
+        "date": date.today().isoformat(), "device": device_name, "preset": p.name, "dataset": p.dataset,
+        "seed": seed, "ground_truth": truth, "noise_ceiling": ceiling, "targets": verdicts, "rows": rows})
+    stem.with_suffix(".md").write_text(f"Ablation, preset {p.name} ({p.dataset}), {device_name}, "
+                                       f"{date.today().isoformat()}, n = {len(codes)} archs.\n\n{md}\n")
+    typer.echo(f"wrote {stem.with_suffix('.json')} and .md")
+
+
+if __name__ == "__main__":
+    typer.run(main)
