@@ -1,7 +1,8 @@
 """The papers' ablation on one dataset and one budget, against one ground truth.
 
     python bench/ablation.py --preset tiny                  # CPU: proves the machinery, not the method
-    python bench/ablation.py --preset cifar --data-dir D    # one GPU: the real table
+    python bench/ablation.py --preset cifar                 # one GPU: the real table
+    python bench/ablation.py --preset fashion --data-dir D  # the same budget on Fashion-MNIST (D: its four .gz files)
 
 Variants (APS/CPT/SSE paper, Tables 1-3, and Π-NAS): SPOS, PS, APS_v1, APS_v2, APS_v3, +CPT,
 +SSE4, +SSE34, +SSE34+Dis, Π-NAS, and Π-NAS followed by APS_v3+CPT+SSE34+Dis; and FLOPs and
@@ -16,7 +17,6 @@ and .md.
 """
 
 import json
-import platform
 import sys
 import time
 from datetime import date
@@ -30,6 +30,7 @@ import evaluate as ev  # noqa: E402
 import nas  # noqa: E402
 import supernet as sn  # noqa: E402
 import train_stages as ts  # noqa: E402
+from speed import device_name  # noqa: E402
 
 APS = ("warmup", "aps_depth", "aps_width")
 # name: (stages, APS version, KD, the variant it goes on from)
@@ -102,7 +103,7 @@ def table(rows: list[dict], ceiling: dict | None) -> str:
     return "\n".join(lines)
 
 
-def main(preset: str = typer.Option("cifar", help="tiny, cifar or paper"),
+def main(preset: str = typer.Option("cifar", help="tiny, cifar, fashion or paper"),
          variants: str = typer.Option(",".join(VARIANTS), help="comma-separated variants to run"),
          gt_n: int = typer.Option(None, help="ground-truth archs (default: the preset's)"),
          seed: int = 0, device: str = "auto", data_dir: Path = typer.Option(None),
@@ -135,7 +136,7 @@ def main(preset: str = typer.Option("cifar", help="tiny, cifar or paper"),
         rows.append({"variant": name, "metrics": ev.rank_metrics([accs[c] for c in codes], y), "seconds": seconds,
                      "stages": list(st.stages), "aps": st.aps, "kd": st.kd, "accs": accs})
         typer.echo(f"{name:30} kendall {ev.format_metric(rows[-1]['metrics'], 'kendall')}  {seconds:.0f} s")
-    device_name = torch.cuda.get_device_name() if device == "cuda" else platform.processor() or "cpu"
+    machine = device_name(torch.device(device))
     md = table(rows, ceiling)
     verdicts = targets(rows, ceiling)
     md += "".join(f"\n\nTarget, Kendall tau of +SSE34+Dis: {k}: {'met' if v else 'NOT met'}" for k, v in verdicts.items())
@@ -143,9 +144,9 @@ def main(preset: str = typer.Option("cifar", help="tiny, cifar or paper"),
     out.mkdir(parents=True, exist_ok=True)
     stem = out / f"ablation-{p.dataset}-{device}"
     ev.write_json_atomic(stem.with_suffix(".json"), {
-        "date": date.today().isoformat(), "device": device_name, "preset": p.name, "dataset": p.dataset,
+        "date": date.today().isoformat(), "device": machine, "preset": p.name, "dataset": p.dataset,
         "seed": seed, "ground_truth": truth, "noise_ceiling": ceiling, "targets": verdicts, "rows": rows})
-    stem.with_suffix(".md").write_text(f"Ablation, preset {p.name} ({p.dataset}), {device_name}, "
+    stem.with_suffix(".md").write_text(f"Ablation, preset {p.name} ({p.dataset}), {machine}, "
                                        f"{date.today().isoformat()}, n = {len(codes)} archs.\n\n{md}\n")
     typer.echo(f"wrote {stem.with_suffix('.json')} and .md")
 

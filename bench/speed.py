@@ -127,16 +127,19 @@ def peak_memory_mib(step, preset: ts.Preset, x, y) -> float:
     return (torch.cuda.max_memory_allocated() - floor) / 2**20
 
 
-def time_all(preset_name: str, device: str) -> dict:
+def time_all(preset_name: str, device: str, data_dir: Path | None) -> dict:
     run = f"bench-speed-{time.strftime('%Y%m%d-%H%M%S')}"
     cmd = [sys.executable, "nas.py", "all", "--preset", preset_name, "--run", run, "--no-tui", "--device", device]
+    if data_dir is not None:
+        cmd += ["--data-dir", str(data_dir.resolve())]
     t = time.perf_counter()
     rc = subprocess.run(cmd, cwd=ROOT).returncode
     return {"command": " ".join(["python", *cmd[1:]]), "run": run, "seconds": time.perf_counter() - t, "rc": rc}
 
 
 def main(device: str = typer.Option("cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda"),
-         preset: str = typer.Option("cifar", help="net shape and batch size from nas.PRESETS: tiny, cifar, paper"),
+         preset: str = typer.Option("cifar", help="net shape and batch size from nas.PRESETS: "
+                                                  "tiny, cifar, fashion, paper"),
          batch: int = typer.Option(0, help="training batch (0: the preset's)"),
          k: int = typer.Option(4, help="archs per supernet training step"),
          iters: int = typer.Option(10, help="timed steps per arch set"),
@@ -145,6 +148,7 @@ def main(device: str = typer.Option("cuda" if torch.cuda.is_available() else "cp
          calib_images: int = typer.Option(2000, help="BN calibration images per arch"),
          eval_images: int = typer.Option(10000, help="held-out images per arch"),
          all_preset: str = typer.Option(None, help="also time `nas.py all --preset NAME` (a new run folder)"),
+         data_dir: Path = typer.Option(None, help="--data-dir for that `nas.py all`"),
          seed: int = 0):
     """Training, evaluation and memory cost of the supernet versus static nets of the same archs."""
     for name in (preset, all_preset):
@@ -207,7 +211,7 @@ def main(device: str = typer.Option("cuda" if torch.cuda.is_available() else "cp
         del st, data, x, y
         if dev.type == "cuda":
             torch.cuda.empty_cache()  # hand our cached blocks to the subprocess
-        result["all"] = time_all(all_preset, device)
+        result["all"] = time_all(all_preset, device, data_dir)
         typer.echo(f"{result['all']['command']}: {result['all']['seconds']:.0f} s, exit code {result['all']['rc']}")
     path = ROOT / "bench" / "results" / f"speed-{dev.type}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
