@@ -252,14 +252,19 @@ def ground_truth_step(run_dir: Path, preset: ts.Preset, data, log, n: int, twice
     return truth, ceiling
 
 
+def size_floors(truth: dict, preset: ts.Preset) -> dict:
+    """Rank metrics of FLOPs and of parameter count against the ground truth: rankings that cost
+    no training, which a supernet must beat to be worth its own."""
+    y = list(truth.values())
+    sizes = [sn.count_flops_params(sn.decode(c), preset.image_size, preset.shape) for c in truth]
+    return {"flops": ev.rank_metrics([f for f, _ in sizes], y), "params": ev.rank_metrics([p for _, p in sizes], y)}
+
+
 def run_results(truth: dict, accs: dict, ceiling: dict | None, preset: ts.Preset) -> dict:
     """Rank metrics of the supernet and of the FLOPs/params floors against the ground truth."""
-    codes = list(truth)
-    y = [truth[c] for c in codes]
-    sizes = [sn.count_flops_params(sn.decode(c), preset.image_size, preset.shape) for c in codes]
-    return {"metrics": ev.rank_metrics([accs[c] for c in codes], y), "noise_ceiling": ceiling,
-            "flops": ev.rank_metrics([f for f, _ in sizes], y), "params": ev.rank_metrics([p for _, p in sizes], y),
-            "archs": [{"arch": c, "supernet": accs[c], "truth": truth[c]} for c in codes]}
+    return {"metrics": ev.rank_metrics([accs[c] for c in truth], list(truth.values())), "noise_ceiling": ceiling,
+            **size_floors(truth, preset),
+            "archs": [{"arch": c, "supernet": accs[c], "truth": truth[c]} for c in truth]}
 
 
 def evaluate_step(st: ts.TrainState, preset: ts.Preset, data, archs: list[sn.Arch], log) -> dict[str, float]:

@@ -717,8 +717,8 @@ class NegativeQueue:
     def push(self, keys: torch.Tensor) -> None:
         size = len(self.vectors)
         keys = keys[-size:]
-        idx = (self.ptr + torch.arange(len(keys))) % size
-        self.vectors[idx.to(self.vectors.device)] = keys.to(self.vectors.dtype)
+        idx = (self.ptr + torch.arange(len(keys), device=self.vectors.device)) % size
+        self.vectors[idx] = keys.to(self.vectors.dtype)
         self.ptr, self.fill = (self.ptr + len(keys)) % size, min(size, self.fill + len(keys))
 
     def state(self) -> dict:
@@ -759,22 +759,22 @@ def contrastive_views(x: torch.Tensor, n: int, g: torch.Generator) -> list[torch
     """n augmented views of a (normalized) batch, on its device, in one grid_sample: random
     resized crop (area 0.2-1, aspect 3/4-4/3), flip, brightness and contrast jitter, and for
     colour images grayscale with p = 0.2 (MoCo v2's recipe without blur, for small images)."""
-    b, c = len(x), x.shape[1]
-    m = n * b
+    m = n * len(x)
     area, aspect = torch.empty(m).uniform_(0.2, 1, generator=g), torch.empty(m).uniform_(-0.288, 0.288, generator=g).exp()
     w, h = (area * aspect).sqrt().clamp(max=1), (area / aspect).sqrt().clamp(max=1)
     cx, cy = (torch.rand(m, generator=g) * 2 - 1) * (1 - w), (torch.rand(m, generator=g) * 2 - 1) * (1 - h)
     flip = torch.where(torch.rand(m, generator=g) < 0.5, -1.0, 1.0)
     zero = torch.zeros(m)
-    theta = torch.stack([torch.stack([w * flip, zero, cx], 1), torch.stack([zero, h, cy], 1)], 1)
     contrast, shift = torch.empty(m).uniform_(0.6, 1.4, generator=g), torch.empty(m).uniform_(-0.4, 0.4, generator=g)
-    gray = torch.rand(m, generator=g) < 0.2
-    dev = x.device
+    gray = (torch.rand(m, generator=g) < 0.2).float()
+    # every random number drawn on the host, then one copy to the device
+    params = torch.stack([w * flip, zero, cx, zero, h, cy, contrast, shift, gray], 1).to(x.device, non_blocking=True)
+    theta, (contrast, shift, gray) = params[:, :6].view(m, 2, 3), params[:, 6:, None, None, None].unbind(1)
     xs = x.float().repeat(n, 1, 1, 1)
-    out = F.grid_sample(xs, F.affine_grid(theta.to(dev), list(xs.shape), align_corners=False), align_corners=False)
-    if c == 3:
-        out = torch.where(gray.to(dev)[:, None, None, None], out.mean(1, keepdim=True).expand_as(out), out)
-    out = out * contrast.to(dev)[:, None, None, None] + shift.to(dev)[:, None, None, None]
+    out = F.grid_sample(xs, F.affine_grid(theta, list(xs.shape), align_corners=False), align_corners=False)
+    if x.shape[1] == 3:
+        out = torch.lerp(out, out.mean(1, keepdim=True).expand_as(out), gray)
+    out = out * contrast + shift
     if out.is_cuda:
         out = out.contiguous(memory_format=torch.channels_last)
     return list(out.chunk(n))

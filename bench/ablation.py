@@ -120,20 +120,17 @@ def main(preset: str = typer.Option("cifar", help="tiny, cifar, fashion or paper
     log = nas.Console(ts.EventLog(folder / "events.jsonl"), quiet=False)
     n = gt_n or p.gt_n
     truth, ceiling = nas.ground_truth_step(folder, p, data, log, n, min(p.gt_twice, n), seed)
-    codes = list(truth)
-    archs, y = [sn.decode(c) for c in codes], [truth[c] for c in codes]
-    sizes = [sn.count_flops_params(a, p.image_size, p.shape) for a in archs]
-    rows = [{"variant": "FLOPs", "metrics": ev.rank_metrics([f for f, _ in sizes], y), "seconds": None},
-            {"variant": "params", "metrics": ev.rank_metrics([q for _, q in sizes], y), "seconds": None}]
-    calib = data.calib_batches(p.calib_batches, p.calib_batch_size, seed=0)
-    evals = data.eval_batches(p.eval_subset, 500)
+    archs, y = [sn.decode(c) for c in truth], list(truth.values())
+    floors = nas.size_floors(truth, p)
+    rows = [{"variant": "FLOPs", "metrics": floors["flops"], "seconds": None},
+            {"variant": "params", "metrics": floors["params"], "seconds": None}]
     for name in chosen:
         try:
             st, seconds = train_variant(name, p, data, device, folder, log, seed)
         except (ts.TrainingError, ts.Stopped) as e:
             nas.die(f"{name}: {e}", 1)
-        accs = ev.evaluate_archs(st, archs, calib, evals)
-        rows.append({"variant": name, "metrics": ev.rank_metrics([accs[c] for c in codes], y), "seconds": seconds,
+        accs = nas.evaluate_step(st, p, data, archs, log)
+        rows.append({"variant": name, "metrics": ev.rank_metrics([accs[c] for c in truth], y), "seconds": seconds,
                      "stages": list(st.stages), "aps": st.aps, "kd": st.kd, "accs": accs})
         typer.echo(f"{name:30} kendall {ev.format_metric(rows[-1]['metrics'], 'kendall')}  {seconds:.0f} s")
     machine = device_name(torch.device(device))
@@ -147,7 +144,7 @@ def main(preset: str = typer.Option("cifar", help="tiny, cifar, fashion or paper
         "date": date.today().isoformat(), "device": machine, "preset": p.name, "dataset": p.dataset,
         "seed": seed, "ground_truth": truth, "noise_ceiling": ceiling, "targets": verdicts, "rows": rows})
     stem.with_suffix(".md").write_text(f"Ablation, preset {p.name} ({p.dataset}), {machine}, "
-                                       f"{date.today().isoformat()}, n = {len(codes)} archs.\n\n{md}\n")
+                                       f"{date.today().isoformat()}, n = {len(truth)} archs.\n\n{md}\n")
     typer.echo(f"wrote {stem.with_suffix('.json')} and .md")
 
 

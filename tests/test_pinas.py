@@ -15,8 +15,8 @@ from conftest import MICRO
 PINAS = replace(MICRO, epoch_scale=0.005, queue_size=128, log_every=1)
 
 
-def pinas_state(preset=PINAS, stages=("pinas",)):
-    st = ts.new_state(preset, stages, 0, "cpu")
+def pinas_state(preset=PINAS):
+    st = ts.new_state(preset, ("pinas",), 0, "cpu")
     ts.start_pinas(st)
     return st
 
