@@ -1,17 +1,20 @@
-"""Evaluation: BN recalibration, subnet accuracy, stand-alone ground truth, rank metrics,
-the challenge's JSON format, and the report.
+"""Evaluation: BN recalibration, subnet accuracy, stand-alone ground truth, rank metrics, the
+challenge's JSON format, and the report.
 
 A subnet's accuracy with inherited weights means nothing until its BN statistics are its own:
 the supernet's running statistics mix every sampled arch. So every evaluation first
 recalibrates BN on a fixed, seeded set of training batches (paper Sec. 3.1: 50 x 256), then
 measures top-1 on the held-out split. The supernet is never copied: statistics are written
 into the sliced running buffers, which the next arch's calibration overwrites again.
+
+Errors are exceptions (ValueError for bad files, train_stages.TrainingError for training);
+the command line turns them into one line and an exit code.
 """
 
 import hashlib
 import json
 import math
-import os
+import platform
 import random
 import time
 import warnings
@@ -23,8 +26,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import supernet as sn
-import train_stages as ts
+import supernet
+import train_stages
+from data import crop_pad, mix_seed
 
 # ---------------------------------------------------------------- BN recalibration and accuracy
 
@@ -34,7 +38,7 @@ def _bns(net: nn.Module) -> list[nn.BatchNorm2d]:
 
 
 @torch.no_grad()
-def calibrate_bn(net: nn.Module, arch: sn.Arch | None, batches: list[torch.Tensor]) -> None:
+def calibrate_bn(net: nn.Module, arch: supernet.Arch | None, batches: list[torch.Tensor]) -> None:
     """Set the BN running statistics of `arch` to the exact mean of its per-batch statistics.
 
     With momentum 1/(i+1) at batch i, BN's running update r <- (1-m) r + m b is the running
@@ -49,7 +53,7 @@ def calibrate_bn(net: nn.Module, arch: sn.Arch | None, batches: list[torch.Tenso
         for i, x in enumerate(batches):
             for bn in bns:
                 bn.momentum = 1.0 / (i + 1)
-            with ts.autocast(x.device):
+            with train_stages.autocast(x.device):
                 net(x) if arch is None else net(x, arch)
     finally:
         for bn, m in zip(bns, momenta):
@@ -58,43 +62,53 @@ def calibrate_bn(net: nn.Module, arch: sn.Arch | None, batches: list[torch.Tenso
 
 
 @torch.no_grad()
-def accuracy(net: nn.Module, arch: sn.Arch | None, batches) -> float:
+def accuracy(net: nn.Module, arch: supernet.Arch | None, batches) -> float:
     """Top-1 on the held-out batches; one host sync at the end."""
     net.eval()
     correct = torch.zeros((), dtype=torch.long, device=batches[0][0].device)
     total = 0
     for x, y in batches:
-        with ts.autocast(x.device):
+        with train_stages.autocast(x.device):
             logits = net(x) if arch is None else net(x, arch)
         correct += (logits.argmax(1) == y).sum()
         total += len(y)
     return correct.item() / total
 
 
-def evaluate_archs(st: ts.TrainState, archs: list[sn.Arch], calib, evals, progress=None) -> dict[str, float]:
+def evaluate_archs(st: train_stages.TrainState, archs: list[supernet.Arch], calib, evals,
+                   progress=None) -> dict[str, float]:
     """Accuracy of each arch with inherited weights: {code: top-1}.
 
     When the run has sub-supernets (SSE), each arch is evaluated with the one that owns it:
     archs are grouped by owner so each sub-supernet's weights are loaded once. The net holds
     the same weights afterwards as before.
     """
-    sse = next((s for s in st.stages if s in ("sse4", "sse34")), None) if st.subnets else None
-    groups: dict[int | None, list[sn.Arch]] = {}
+    sse = st.sse_stage
+    groups: dict[int | None, list[supernet.Arch]] = {}
     for a in archs:
-        groups.setdefault(ts.sse_owner(a, sse) if sse else None, []).append(a)
+        groups.setdefault(train_stages.sse_owner(a, sse) if sse else None, []).append(a)
     before, results, done = st.current_sub, {}, 0
     for owner, members in groups.items():
         if owner is not None:
-            ts.swap_sub(st, owner)
+            train_stages.swap_sub(st, owner)
         for a in members:
             calibrate_bn(st.net, a, calib)
-            results[sn.encode(a)] = accuracy(st.net, a, evals)
+            results[supernet.encode(a)] = accuracy(st.net, a, evals)
             done += 1
             if progress:
                 progress(done, len(archs))
     if sse:
-        ts.swap_sub(st, before)
-    return {sn.encode(a): results[sn.encode(a)] for a in archs}
+        train_stages.swap_sub(st, before)
+    return {supernet.encode(a): results[supernet.encode(a)] for a in archs}
+
+
+def evaluate_run(st: train_stages.TrainState, data, archs: list[supernet.Arch],
+                 log) -> dict[str, float]:
+    """`evaluate_archs` with the preset's calibration and held-out sets, logging progress."""
+    preset = st.preset
+    calib = data.calib_batches(preset.calib_batches, preset.calib_batch_size, seed=0)
+    evals = data.eval_batches(preset.eval_subset)
+    return evaluate_archs(st, archs, calib, evals, lambda d, n: log("evaluate", done=d, total=n))
 
 
 # ---------------------------------------------------------------- rank metrics
@@ -118,93 +132,179 @@ def rank_metrics(pred, truth, n_boot: int = 1000, seed: int = 0) -> dict:
     """Pearson, Kendall tau and Spearman of pred vs truth, each with a bootstrap 95% interval
     (percentile method, pairs resampled; resamples too degenerate to correlate are left out)
     when n_boot > 0, and n."""
-    pred, truth = np.asarray(pred, float), np.asarray(truth, float)
+    pred = np.asarray(pred, float)
+    truth = np.asarray(truth, float)
     out = {"n": len(pred)}
     with warnings.catch_warnings():  # constant inputs (tiny resamples) give nan, which is the truth
         warnings.simplefilter("ignore")
         for name, fn in METRICS.items():
             out[name] = float(fn(pred, truth)) if len(pred) > 1 else math.nan
             if n_boot and len(pred) > 2:
-                boot = scipy.stats.bootstrap((pred, truth), fn, paired=True, vectorized=False, n_resamples=n_boot,
-                                             method="percentile", rng=np.random.default_rng(seed))
-                out[f"{name}_ci"] = [float(v) for v in np.nanpercentile(boot.bootstrap_distribution, [2.5, 97.5])]
+                boot = scipy.stats.bootstrap((pred, truth), fn, paired=True, vectorized=False,
+                                             n_resamples=n_boot, method="percentile",
+                                             rng=np.random.default_rng(seed))
+                bounds = np.nanpercentile(boot.bootstrap_distribution, [2.5, 97.5])
+                out[f"{name}_ci"] = [float(v) for v in bounds]
     return out
+
+
+def size_floors(truth: dict[str, float], preset: train_stages.Preset) -> dict:
+    """Rank metrics of FLOPs and of parameter count against the ground truth: rankings that cost
+    no training, which a supernet must beat to be worth its own."""
+    y = list(truth.values())
+    sizes = [supernet.count_flops_params(supernet.decode(c), preset.shape) for c in truth]
+    return {"flops": rank_metrics([f for f, _ in sizes], y),
+            "params": rank_metrics([p for _, p in sizes], y)}
+
+
+def run_results(truth: dict, accs: dict, ceiling: dict | None, preset: train_stages.Preset) -> dict:
+    """Rank metrics of the supernet and of the FLOPs/params floors against the ground truth."""
+    return {"metrics": rank_metrics([accs[c] for c in truth], list(truth.values())),
+            "noise_ceiling": ceiling, **size_floors(truth, preset),
+            "archs": [{"arch": c, "supernet": accs[c], "truth": truth[c]} for c in truth]}
 
 
 # ---------------------------------------------------------------- stand-alone ground truth
 
-def recipe(preset: ts.Preset) -> str:
-    """What a ground-truth accuracy depends on besides arch, dataset and seed."""
-    fields = (preset.width_mult, preset.divisor, preset.image_size, preset.batch_size, preset.gt_epochs,
-              preset.gt_lr, preset.train_subset, preset.eval_subset)
-    return "gt-" + hashlib.sha1(repr(fields).encode()).hexdigest()[:10]
+# The stand-alone recipe's fixed parts; `recipe_settings` puts them in the cache key with the rest.
+GT_MOMENTUM = 0.9
+GT_NESTEROV = True
+GT_WEIGHT_DECAY = 5e-4
+GT_SCHEDULE = "linear warm-up over 5% of the steps, then cosine to 0"
 
 
-def train_standalone(arch: sn.Arch, preset: ts.Preset, data, seed: int) -> float:
+def recipe_settings(preset: train_stages.Preset, device) -> dict:
+    """Every setting a stand-alone accuracy depends on besides the arch and the seed.
+
+    Float results also depend on the thread count (the order of reductions), so it is part of
+    the key on CPU; on CUDA the precision is. The CPU model and library versions are not: they
+    move an accuracy by rounding, which training amplifies to about the size of seed noise,
+    and the 2-seed mean is what archs are ranked by.
+    """
+    device = torch.device(device)
+    if device.type == "cpu":
+        where = f"cpu fp32, {torch.get_num_threads()} threads"
+    else:
+        where = "cuda bf16 autocast"
+    pad = crop_pad(preset.dataset, preset.image_size)
+    return {"dataset": preset.dataset, "image_size": preset.image_size,
+            "in_channels": preset.in_channels, "num_classes": preset.num_classes,
+            "width_mult": preset.width_mult, "divisor": preset.divisor,
+            "train_subset": preset.train_subset, "eval_subset": preset.eval_subset,
+            "augment": f"random crop, zero pad {pad} px; horizontal flip",
+            "epochs": preset.gt_epochs, "batch_size": preset.gt_batch_size, "lr": preset.gt_lr,
+            "schedule": GT_SCHEDULE, "momentum": GT_MOMENTUM, "nesterov": GT_NESTEROV,
+            "weight_decay": GT_WEIGHT_DECAY, "label_smoothing": preset.gt_label_smoothing,
+            "device": where}
+
+
+def recipe(preset: train_stages.Preset, device) -> str:
+    """The cache key of the stand-alone recipe: a hash of `recipe_settings`."""
+    settings = json.dumps(recipe_settings(preset, device), sort_keys=True)
+    return "gt-" + hashlib.sha1(settings.encode()).hexdigest()[:10]
+
+
+def train_standalone(arch: supernet.Arch, preset: train_stages.Preset, data, seed: int) -> float:
     """Train `arch` from scratch as a static net with the preset's recipe; held-out top-1.
 
-    SGD (momentum 0.9, nesterov, weight decay 5e-4), linear warm-up then cosine, the same
-    augmentation as the supernet; `gt_epochs` epochs of the (sub)set.
+    SGD with Nesterov momentum and weight decay, the schedule of every phase (linear warm-up,
+    then cosine to 0), the supernet's augmentation, optional label smoothing; `gt_epochs`
+    epochs of the (sub)set. The batches depend only on the seed, so every arch of one seed sees
+    the same images in the same order, and archs differ only by what they are.
     """
     torch.manual_seed(seed)
     device = data.device
-    net = sn.StaticNet(arch, preset.shape).to(device)
+    net = supernet.StaticNet(arch, preset.shape).to(device)
     if device.type == "cuda":
         net = net.to(memory_format=torch.channels_last)
-    opt = torch.optim.SGD(net.parameters(), lr=preset.gt_lr, momentum=0.9, nesterov=True, weight_decay=5e-4)
-    steps = max(1, round(preset.gt_epochs * data.train_size / preset.batch_size))
-    key = ts._mix(seed, 0x67)
+    opt = torch.optim.SGD(net.parameters(), lr=preset.gt_lr, momentum=GT_MOMENTUM,
+                          nesterov=GT_NESTEROV, weight_decay=GT_WEIGHT_DECAY)
+    steps = max(1, round(preset.gt_epochs * data.train_size / preset.gt_batch_size))
+    key = mix_seed(seed, 0x67)
     net.train()
     for step in range(steps):
         for g in opt.param_groups:
-            g["lr"] = ts.lr_at(step, steps, preset.gt_lr)
-        x, y = data.train_batch(key, step, preset.batch_size)
-        with ts.autocast(device):
-            loss = F.cross_entropy(net(x), y)
+            g["lr"] = train_stages.lr_at(step, steps, preset.gt_lr)
+        x, y = data.train_batch(key, step, preset.gt_batch_size)
+        with train_stages.autocast(device):
+            loss = F.cross_entropy(net(x), y, label_smoothing=preset.gt_label_smoothing)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
     if not math.isfinite(loss.item()):
-        raise ts.TrainingError(f"non-finite loss training {sn.encode(arch)} stand-alone (seed {seed})")
-    return accuracy(net, None, data.eval_batches(preset.eval_subset, 500))
+        raise train_stages.TrainingError(f"non-finite loss training {supernet.encode(arch)} "
+                                         f"stand-alone (seed {seed})")
+    return accuracy(net, None, data.eval_batches(preset.eval_subset))
 
 
-def pick_archs(n: int, seed: int, preset: ts.Preset) -> list[sn.Arch]:
-    """n archs stratified over FLOPs: sort 10n uniform samples by FLOPs, one per equal stratum."""
+def pick_archs(n: int, seed: int, preset: train_stages.Preset,
+               stratified: bool = False) -> list[supernet.Arch]:
+    """n distinct archs drawn with `seed`.
+
+    Uniform over the challenge space by default, as the challenge's own candidate codes are;
+    the first k archs of n are those of n = k, so a larger sample extends a smaller one.
+    `stratified` takes one arch per equal FLOPs stratum of 10n uniform samples instead: it
+    widens the spread of accuracies and so inflates every correlation, FLOPs' included, which
+    is why it is an option and never the headline sample.
+    """
     rng = random.Random(seed)
-    pool = list(dict.fromkeys(sn.sample_arch(rng) for _ in range(10 * n)))
-    pool.sort(key=lambda a: sn.count_flops_params(a, preset.image_size, preset.shape)[0])
+    if not stratified:
+        archs: dict[supernet.Arch, None] = {}
+        while len(archs) < n:
+            archs[supernet.sample_arch(rng)] = None
+        return list(archs)
+    pool = list(dict.fromkeys(supernet.sample_arch(rng) for _ in range(10 * n)))
+    pool.sort(key=lambda a: supernet.count_flops_params(a, preset.shape)[0])
     edges = np.linspace(0, len(pool), n + 1).astype(int)
     return [pool[rng.randrange(lo, hi)] for lo, hi in zip(edges[:-1], edges[1:])]
+
+
+# Stand-alone accuracies committed with the repository (bench/results/groundtruth.json): a
+# run whose recipe matches takes its entries from there instead of training them again.
+SHARED_GROUND_TRUTH = Path(__file__).resolve().parent / "bench" / "results" / "groundtruth.json"
+
+
+def _read_entries(path: Path) -> dict[str, dict]:
+    try:
+        entries = json.loads(path.read_text())["entries"]
+        return {GroundTruth.key(**{k: e[k] for k in GroundTruth.FIELDS}): e for e in entries}
+    except (ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"{path} is not a ground-truth file ({type(e).__name__}: {e})")
 
 
 class GroundTruth:
     """`groundtruth.json`: stand-alone accuracies keyed by arch, dataset, recipe and seed.
 
-    Written atomically after every arch, so an interrupted job continues where it stopped and
-    nothing is trained twice."""
+    Written atomically after every net, so an interrupted job continues where it stopped and
+    nothing is trained twice. Entries missing here are taken from `shared` (a read-only file of
+    the same format) when it holds them, and copied here, so a run folder stays complete."""
 
-    def __init__(self, path: Path):
+    FIELDS = ("arch", "dataset", "recipe", "seed")
+
+    def __init__(self, path: Path, shared: Path | None = None):
         self.path = path
-        self.entries: dict[str, dict] = {}
-        if path.exists():
-            try:
-                self.entries = {self.key(**{k: e[k] for k in ("arch", "dataset", "recipe", "seed")}): e
-                                for e in json.loads(path.read_text())["entries"]}
-            except (ValueError, KeyError, TypeError) as e:
-                raise ValueError(f"{path} is not a ground-truth file ({type(e).__name__}: {e})")
+        self.entries = _read_entries(path) if path.exists() else {}
+        self.shared = {}
+        if shared is not None and shared.exists() and shared.resolve() != path.resolve():
+            self.shared = _read_entries(shared)
 
     @staticmethod
     def key(arch: str, dataset: str, recipe: str, seed: int) -> str:
         return f"{arch}|{dataset}|{recipe}|{seed}"
 
     def get(self, arch: str, dataset: str, recipe: str, seed: int) -> float | None:
-        e = self.entries.get(self.key(arch, dataset, recipe, seed))
+        k = self.key(arch, dataset, recipe, seed)
+        if k not in self.entries and k in self.shared:
+            self.entries[k] = self.shared[k]
+            write_json_atomic(self.path, {"entries": list(self.entries.values())})
+        e = self.entries.get(k)
         return None if e is None else e["acc"]
 
-    def put(self, arch: str, dataset: str, recipe: str, seed: int, acc: float, seconds: float) -> None:
+    def put(self, arch: str, dataset: str, recipe: str, seed: int, acc: float,
+            seconds: float) -> None:
         self.entries[self.key(arch, dataset, recipe, seed)] = {
-            "arch": arch, "dataset": dataset, "recipe": recipe, "seed": seed, "acc": acc, "seconds": seconds}
+            "arch": arch, "dataset": dataset, "recipe": recipe, "seed": seed, "acc": acc,
+            "seconds": seconds}
         write_json_atomic(self.path, {"entries": list(self.entries.values())})
 
     def accs(self, dataset: str, recipe: str, seed: int) -> dict[str, float]:
@@ -212,43 +312,125 @@ class GroundTruth:
                 if e["dataset"] == dataset and e["recipe"] == recipe and e["seed"] == seed}
 
 
-def ground_truth(gt: GroundTruth, archs: list[sn.Arch], twice: list[sn.Arch], preset: ts.Preset, data,
-                 log) -> tuple[dict[str, float], dict | None]:
-    """Train what is not cached yet (`twice` also with seed 1); return {code: acc} (seed 0)
-    and the noise ceiling."""
-    r = recipe(preset)
-    jobs = [(a, 0) for a in archs] + [(a, 1) for a in twice]
+def ground_truth(gt: GroundTruth, archs: list[supernet.Arch], seeds: int,
+                 preset: train_stages.Preset, data, log) -> tuple[dict[str, float], dict | None]:
+    """Train what is not cached yet, every arch with seeds 0..seeds-1 (one arch after the
+    other, its seeds together); return {code: mean top-1 over the seeds} and, with 2 seeds,
+    the noise ceiling (`noise_ceiling`)."""
+    r = recipe(preset, data.device)
+    per_seed = [{} for _ in range(seeds)]
+    jobs = [(a, seed) for a in archs for seed in range(seeds)]
     for i, (a, seed) in enumerate(jobs):
-        code = sn.encode(a)
+        code = supernet.encode(a)
         acc = gt.get(code, preset.dataset, r, seed)
+        seconds = None
         if acc is None:
             t = time.perf_counter()
             acc = train_standalone(a, preset, data, seed)
-            gt.put(code, preset.dataset, r, seed, acc, time.perf_counter() - t)
-        log("groundtruth", done=i + 1, total=len(jobs), arch=code, acc=acc, seed=seed)
-    first = gt.accs(preset.dataset, r, 0)
-    return {sn.encode(a): first[sn.encode(a)] for a in archs}, noise_ceiling(gt, preset)
+            seconds = time.perf_counter() - t
+            gt.put(code, preset.dataset, r, seed, acc, seconds)
+        per_seed[seed][code] = acc
+        log("groundtruth", done=i + 1, total=len(jobs), arch=code, acc=acc, seed=seed,
+            seconds=seconds)
+    truth = {c: sum(s[c] for s in per_seed) / seeds for c in per_seed[0]}
+    return truth, noise_ceiling(per_seed) if seeds == 2 else None
 
 
-def noise_ceiling(gt: GroundTruth, preset: ts.Preset) -> dict | None:
-    """Rank metrics between seed 0 and seed 1 over the archs trained with both (None below 3):
-    the agreement no supernet can beat."""
-    r = recipe(preset)
+def noise_ceiling(per_seed: list[dict[str, float]]) -> dict | None:
+    """How far any predictor can agree with the 2-seed mean: {"seed_vs_seed": R, "ceiling": ...}.
+
+    R is the rank metrics of seed 0 against seed 1 over the same archs, with intervals; it is
+    not itself a ceiling (the mean of 2 seeds is less noisy than either). `ceiling_from` maps
+    it to what a predictor equal to the noise-free accuracy would reach against the mean.
+    None below 3 archs."""
+    first, second = per_seed
+    both = [c for c in first if c in second]
+    if len(both) < 3:
+        return None
+    r = rank_metrics([first[c] for c in both], [second[c] for c in both])
+    return {"seed_vs_seed": r, "ceiling": ceiling_from(r)}
+
+
+def build_ground_truth(run_dir: Path, preset: train_stages.Preset, data, log, n: int, seeds: int,
+                       seed: int, stratified: bool = False) -> tuple[dict[str, float], dict | None]:
+    """The ground truth of a run folder: n archs picked with `seed`, each trained with `seeds`
+    seeds; trains what its groundtruth.json and the committed one lack. ValueError for a
+    damaged file."""
+    gt = GroundTruth(run_dir / "groundtruth.json", SHARED_GROUND_TRUTH)
+    archs = pick_archs(n, seed, preset, stratified)
+    truth, ceiling = ground_truth(gt, archs, seeds, preset, data, log)
+    if ceiling:
+        log("noise_ceiling", **{k: ceiling["ceiling"][k] for k in ("pearson", "kendall", "spearman", "n")},
+            seed_vs_seed={k: ceiling["seed_vs_seed"][k] for k in METRICS})
+    return truth, ceiling
+
+
+def stored_ground_truth(run_dir: Path, preset: train_stages.Preset, device):
+    """(truth, noise ceiling) from a run's groundtruth.json without training anything: the
+    archs trained with seed 0, averaged with seed 1 where every one of them has it."""
+    gt = GroundTruth(run_dir / "groundtruth.json")
+    r = recipe(preset, device)
     first, second = gt.accs(preset.dataset, r, 0), gt.accs(preset.dataset, r, 1)
-    both = [c for c in second if c in first]
-    return rank_metrics([first[c] for c in both], [second[c] for c in both]) if len(both) > 2 else None
+    if not first or any(c not in second for c in first):
+        return first, None
+    per_seed = [first, {c: second[c] for c in first}]
+    return {c: (first[c] + second[c]) / 2 for c in first}, noise_ceiling(per_seed)
+
+
+def _as_pearson(value: float, name: str) -> float:
+    """The Pearson r of a bivariate normal with this Kendall tau or Spearman rho (Greiner's
+    relation tau = 2/pi asin r, and rho = 6/pi asin(r/2))."""
+    if name == "kendall":
+        return math.sin(math.pi * value / 2)
+    if name == "spearman":
+        return 2 * math.sin(math.pi * value / 6)
+    return value
+
+
+def _from_pearson(r: float, name: str) -> float:
+    if name == "kendall":
+        return 2 / math.pi * math.asin(r)
+    if name == "spearman":
+        return 6 / math.pi * math.asin(r / 2)
+    return r
+
+
+def ceiling_of(value: float, name: str) -> float:
+    """What a perfect predictor reaches against the mean of 2 seeds, given seed-vs-seed `value`.
+
+    Seed-vs-seed agreement R is the split-half reliability of one seed's accuracy:
+    R = var(true) / (var(true) + noise). The 2-seed mean halves the noise, so its reliability
+    is 2R / (1 + R) (Spearman-Brown), and a predictor equal to the true accuracy correlates
+    with it at the square root of that. Kendall and Spearman go through the normal-copula
+    relations to Pearson and back. R <= 0 says the seeds share nothing: the ceiling is 0.
+    """
+    r = _as_pearson(value, name)
+    if not r > 0:
+        return 0.0
+    return _from_pearson(math.sqrt(2 * r / (1 + r)), name)
+
+
+def ceiling_from(seed_vs_seed: dict) -> dict:
+    """`ceiling_of` every metric of a seed-vs-seed result, its interval mapped end by end (the
+    map is increasing, so a percentile interval stays one)."""
+    out = {"n": seed_vs_seed["n"]}
+    for name in METRICS:
+        out[name] = ceiling_of(seed_vs_seed[name], name)
+        if f"{name}_ci" in seed_vs_seed:
+            out[f"{name}_ci"] = [ceiling_of(v, name) for v in seed_vs_seed[f"{name}_ci"]]
+    return out
 
 
 # ---------------------------------------------------------------- probes during training
 
-def make_probe(preset: ts.Preset, data, truth: dict[str, float]):
+def make_probe(preset: train_stages.Preset, data, truth: dict[str, float]):
     """A cheap running rank correlation for the training loop: the ground-truth archs with a
     smaller calibration set and eval subset, no bootstrap."""
-    archs = [sn.decode(c) for c in truth]
+    archs = [supernet.decode(c) for c in truth]
     calib = data.calib_batches(preset.probe_calib_batches, preset.calib_batch_size, seed=1)
-    evals = data.eval_batches(preset.probe_eval_images, 500)
+    evals = data.eval_batches(preset.probe_eval_images)
 
-    def probe(st: ts.TrainState) -> dict | None:
+    def probe(st: train_stages.TrainState) -> dict | None:
         accs = evaluate_archs(st, archs, calib, evals)
         return rank_metrics(list(accs.values()), [truth[c] for c in accs], n_boot=0)
     return probe
@@ -257,9 +439,7 @@ def make_probe(preset: ts.Preset, data, truth: dict[str, float]):
 # ---------------------------------------------------------------- files
 
 def write_json_atomic(path: Path, obj) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1))
-    os.replace(tmp, path)
+    train_stages.replace_atomically(path, lambda tmp: tmp.write_text(json.dumps(obj, indent=1)))
 
 
 def read_challenge(path: Path) -> dict[str, str]:
@@ -271,14 +451,15 @@ def read_challenge(path: Path) -> dict[str, str]:
     except ValueError as e:
         raise ValueError(f"{path} is not valid JSON: {e}")
     if not isinstance(entries, dict) or not entries:
-        raise ValueError(f"{path} must hold a non-empty object of {{name: {{\"arch\": code, \"acc\": ...}}}}")
+        raise ValueError(f"{path} must hold a non-empty object of "
+                         "{name: {\"arch\": code, \"acc\": ...}}")
     codes = {}
     for name, entry in entries.items():
         code = entry.get("arch") if isinstance(entry, dict) else None
         if not isinstance(code, str):
             raise ValueError(f"{path}: entry {name!r} has no \"arch\" string")
         try:
-            codes[name] = sn.encode(sn.decode(code))
+            codes[name] = supernet.encode(supernet.decode(code))
         except ValueError as e:
             raise ValueError(f"{path}: entry {name!r}: {e}")
     return codes
@@ -286,7 +467,19 @@ def read_challenge(path: Path) -> dict[str, str]:
 
 def write_challenge(path: Path, codes: dict[str, str], accs: dict[str, float]) -> None:
     """The same format with `acc` filled in: a submission."""
-    write_json_atomic(Path(path), {name: {"acc": accs[code], "arch": code} for name, code in codes.items()})
+    filled = {name: {"acc": accs[code], "arch": code} for name, code in codes.items()}
+    write_json_atomic(Path(path), filled)
+
+
+def machine_name(device) -> str:
+    """The GPU's name, or the CPU's model as /proc/cpuinfo gives it: for tables of results."""
+    if torch.device(device).type == "cuda":
+        return torch.cuda.get_device_name(torch.device(device))
+    try:  # platform.processor() is empty on most Linux machines
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or "cpu"
 
 
 def format_metric(m: dict, name: str) -> str:
@@ -294,24 +487,63 @@ def format_metric(m: dict, name: str) -> str:
     return f"{m[name]:.3f} [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else f"{m[name]:.3f}"
 
 
+CEILING_NOTE = (
+    "The ground truth is the mean of 2 seeds. Seed 0 against seed 1 (R) is the agreement of two "
+    "equally noisy measurements, not a ceiling: the ceiling is what a predictor equal to the "
+    "noise-free accuracy would reach against the 2-seed mean, sqrt(2R / (1 + R)) for Pearson "
+    "(the Spearman-Brown reliability of a mean of 2), with Kendall and Spearman mapped through "
+    "their normal-copula relations to Pearson (tau = 2/pi asin r, rho = 6/pi asin(r/2)).")
+
+
+def write_scatter(path: Path, results: dict, preset: train_stages.Preset) -> Path:
+    """A PNG: supernet accuracy against the ground truth, one point per arch, and FLOPs against
+    the ground truth beside it (the ranking that costs nothing), each titled with Kendall tau."""
+    import matplotlib
+    matplotlib.use("Agg")  # no screen needed
+    import matplotlib.pyplot as plt
+
+    rows = results["archs"]
+    truth = [r["truth"] for r in rows]
+    flops = [supernet.count_flops_params(supernet.decode(r["arch"]), preset.shape)[0] / 1e6
+             for r in rows]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(9, 4), sharey=True)
+    left.scatter([r["supernet"] for r in rows], truth, s=14)
+    left.set(xlabel="supernet top-1 (inherited weights, BN recalibrated)",
+             ylabel="ground truth top-1 (stand-alone)",
+             title=f"supernet: Kendall {results['metrics']['kendall']:.3f}")
+    right.scatter(flops, truth, s=14, color="tab:gray")
+    right.set(xlabel=f"MFLOPs at {preset.image_size} px",
+              title=f"FLOPs: Kendall {results['flops']['kendall']:.3f}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
 def write_report(run_dir: Path, config: dict, results: dict) -> Path:
-    """`report.md`: stages, rank metrics with intervals next to the noise ceiling, best archs,
-    and supernet accuracy against ground truth as a text table."""
+    """`report.md`: stages, rank metrics with intervals beside the FLOPs and params rankings,
+    seed-vs-seed agreement and the noise ceiling, a scatter picture (`scatter.png`), the best
+    archs, and supernet accuracy against ground truth as a text table."""
     m, ceiling = results["metrics"], results.get("noise_ceiling")
+    preset = train_stages.preset_from_config(config)
+    kd = "on" if config["kd"] else "off"
+    columns = [("supernet", m), ("FLOPs", results["flops"]), ("params", results["params"])]
+    if ceiling:
+        columns += [("seed 0 vs seed 1 (R)", ceiling["seed_vs_seed"]),
+                    ("ceiling", ceiling["ceiling"])]
     lines = [f"# Run {run_dir.name}", "",
-             f"Preset `{config['preset']['name']}` ({config['preset']['dataset']}), stages "
-             f"{' → '.join(config['stages'])}, APS {config['aps']}, KD {'on' if config['kd'] else 'off'}, "
-             f"seed {config['seed']}.", "",
-             "## Rank consistency", "",
-             f"| metric | supernet vs ground truth (n = {m['n']}) | noise ceiling: seed vs seed (n = "
-             f"{ceiling['n'] if ceiling else 0}) |", "|---|---|---|"]
+             f"Preset `{preset.name}` ({preset.dataset}), stages {' → '.join(config['stages'])}, "
+             f"APS {config['aps']}, KD {kd}, seed {config['seed']}.",
+             "", "## Rank consistency", "",
+             f"Against the ground truth of n = {m['n']} archs; 95% bootstrap intervals.", "",
+             "| metric | " + " | ".join(label for label, _ in columns) + " |",
+             "|---" * (len(columns) + 1) + "|"]
     for name in METRICS:
-        lines.append(f"| {name} | {format_metric(m, name)} | {format_metric(ceiling, name) if ceiling else 'n/a'} |")
-    for floor in ("flops", "params"):
-        if floor in results:
-            f = results[floor]
-            lines.append(f"| {floor} as the ranking: kendall | {format_metric(f, 'kendall')} | |")
-    lines += ["", "95% bootstrap intervals in brackets.", "", "## Best archs by supernet accuracy", "",
+        lines.append(f"| {name} | " + " | ".join(format_metric(c, name) for _, c in columns) + " |")
+    lines += ["", CEILING_NOTE if ceiling else "One seed per arch: no noise ceiling.", ""]
+    scatter = write_scatter(run_dir / "scatter.png", results, preset)
+    lines += [f"![supernet and FLOPs against the ground truth]({scatter.name})", "",
+              "## Best archs by supernet accuracy", "",
               "| arch | supernet | ground truth |", "|---|---|---|"]
     rows = sorted(results["archs"], key=lambda r: -r["supernet"])
     for r in rows[:10]:
@@ -319,9 +551,10 @@ def write_report(run_dir: Path, config: dict, results: dict) -> Path:
     lines += ["", "## Supernet accuracy against ground truth", "", "```",
               f"{'rank gt':>7} {'rank sn':>7} {'ground truth':>12} {'supernet':>9}"]
     by_truth = sorted(rows, key=lambda r: -r["truth"])
-    sn_rank = {r["arch"]: i + 1 for i, r in enumerate(rows)}
+    supernet_rank = {r["arch"]: i + 1 for i, r in enumerate(rows)}
     for i, r in enumerate(by_truth):
-        lines.append(f"{i + 1:>7} {sn_rank[r['arch']]:>7} {r['truth']:>12.4f} {r['supernet']:>9.4f}")
+        lines.append(f"{i + 1:>7} {supernet_rank[r['arch']]:>7} {r['truth']:>12.4f} "
+                     f"{r['supernet']:>9.4f}")
     lines.append("```")
     path = run_dir / "report.md"
     path.write_text("\n".join(lines) + "\n")

@@ -20,6 +20,7 @@ network, which must compute exactly what the supernet computes for that arch.
 import random
 from dataclasses import dataclass
 from functools import lru_cache
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
@@ -79,7 +80,8 @@ def decode(code: str) -> Arch:
     """
     if not isinstance(code, str) or len(code) not in (51, 52):
         n = len(code) if isinstance(code, str) else type(code).__name__
-        raise ValueError(f"arch code has length {n}; expected 52 characters (or 51 without the leading '1')")
+        raise ValueError(f"arch code has length {n}; expected 52 characters "
+                         "(or 51 without the leading '1')")
     shift = 52 - len(code)  # positions below are of the 52-character form; report them as given
     full = "1" * shift + code
     for i, ch in enumerate(code):
@@ -106,22 +108,25 @@ def decode(code: str) -> Arch:
         for b in range(MAX_DEPTHS[s]):
             pos = SLOT_START[s] + 2 * b
             pair = full[pos:pos + 2]
+            where = f"stage {s + 1} block {b + 1}"
             if b >= depths[s]:
                 if pair != "00":
-                    fail(pos, f"stage {s + 1} block {b + 1} is absent (depth {depths[s]}) but is {pair!r}, not '00'")
+                    fail(pos, f"{where} is absent (depth {depths[s]}) but is {pair!r}, not '00'")
                 continue
             for k, c in enumerate(map(int, pair)):
                 if c == 0:
-                    fail(pos + k, f"stage {s + 1} block {b + 1} is present (depth {depths[s]}) but has width code 0")
+                    fail(pos + k, f"{where} is present (depth {depths[s]}) but has width code 0")
                 if c not in WIDTH_CODES[s]:
-                    fail(pos + k, f"width code {c} is not allowed in stage {s + 1} (allowed {_codes(WIDTH_CODES[s])})")
+                    rule = f"width code {c} is not allowed in stage {s + 1}"
+                    fail(pos + k, f"{rule} (allowed {_codes(WIDTH_CODES[s])})")
             conv1, conv2 = int(pair[0]), int(pair[1])
             stage_mids.append(conv1)
             if out is None:
                 out = conv2
             elif conv2 != out:
                 source = "the stem's code" if s == 0 else "block 1's conv2 code"
-                fail(pos + 1, f"residual tying: stage {s + 1} block {b + 1} conv2 code {conv2} differs from {source} {out}")
+                rule = f"residual tying: {where} conv2 code {conv2}"
+                fail(pos + 1, f"{rule} differs from {source} {out}")
         outs.append(out)
         mids.append(tuple(stage_mids))
     return Arch(depths, tuple(outs), tuple(mids))
@@ -185,23 +190,45 @@ class NetShape:
         return channels(base, code, self.width_mult, self.divisor)
 
 
-def arch_channels(arch: Arch, shape: NetShape):
-    """Stem channels and (in, mid, out, stride) of every active block."""
-    stem = shape.ch(STEM_BASE, arch.stem)
-    plan, cin = [], stem
+class Block(NamedTuple):
+    """One active block of an arch: where it sits and its channels."""
+
+    stage: int    # 0..3
+    index: int    # within the stage
+    cin: int
+    mid: int      # conv1's output width
+    cout: int     # conv2's (and the shortcut's) output width
+    stride: int
+
+
+def stem_channels(arch: Arch, shape: NetShape) -> int:
+    return shape.ch(STEM_BASE, arch.stem)
+
+
+@lru_cache(maxsize=65536)
+def blocks_of(arch: Arch, shape: NetShape) -> tuple[Block, ...]:
+    """Every active block of `arch`, stage by stage: the one walk over the blocks."""
+    out, cin = [], stem_channels(arch, shape)
     for s in range(4):
         cout = shape.ch(BASE_WIDTHS[s], arch.outs[s])
         for b, m in enumerate(arch.mids[s]):
-            plan.append((cin, shape.ch(BASE_WIDTHS[s], m), cout, STRIDES[s] if b == 0 else 1))
+            stride = STRIDES[s] if b == 0 else 1
+            out.append(Block(s, b, cin, shape.ch(BASE_WIDTHS[s], m), cout, stride))
             cin = cout
-    return stem, plan
+    return tuple(out)
+
+
+def feature_width(arch: Arch, shape: NetShape) -> int:
+    """Channels of the pooled features: the classifier's input."""
+    return shape.ch(BASE_WIDTHS[3], arch.outs[3])
 
 
 MAX_ARCH = decode(MAX_CODE)
 
 
 def _stem_geometry(shape: NetShape):
-    return (7, 2, 3, True) if shape.image_size >= 128 else (3, 1, 1, False)  # kernel, stride, pad, pool
+    """(kernel, stride, padding, max-pool) of the stem for this input size."""
+    return (7, 2, 3, True) if shape.image_size >= 128 else (3, 1, 1, False)
 
 
 # ---------------------------------------------------------------- the supernet
@@ -222,8 +249,8 @@ class SlicedConvBN(nn.Module):
         w = self.weight[:cout, :x.shape[1]]
         y = F.conv2d(x, w, None, self.stride, self.padding)
         bn = self.bn
-        return F.batch_norm(y, bn.running_mean[:cout], bn.running_var[:cout], bn.weight[:cout], bn.bias[:cout],
-                            bn.training, bn.momentum, bn.eps)
+        return F.batch_norm(y, bn.running_mean[:cout], bn.running_var[:cout], bn.weight[:cout],
+                            bn.bias[:cout], bn.training, bn.momentum, bn.eps)
 
 
 class SuperBlock(nn.Module):
@@ -244,27 +271,20 @@ class Supernet(nn.Module):
     def __init__(self, shape: NetShape = NetShape()):
         super().__init__()
         self.shape = shape
-        k, stride, _, self.pool = _stem_geometry(shape)
-        stem_max, plan = arch_channels(MAX_ARCH, shape)
-        self.stem = SlicedConvBN(shape.in_channels, stem_max, k, stride)
-        self.stages = nn.ModuleList()
-        for s in range(4):
-            stage_plan = plan[sum(MAX_DEPTHS[:s]):sum(MAX_DEPTHS[:s + 1])]
-            self.stages.append(nn.ModuleList(SuperBlock(*p) for p in stage_plan))
-        self.fc = nn.Linear(plan[-1][2], shape.num_classes)
+        kernel, stride, _, self.pool = _stem_geometry(shape)
+        self.stem = SlicedConvBN(shape.in_channels, stem_channels(MAX_ARCH, shape), kernel, stride)
+        self.stages = nn.ModuleList(nn.ModuleList() for _ in range(4))
+        for b in blocks_of(MAX_ARCH, shape):
+            self.stages[b.stage].append(SuperBlock(b.cin, b.mid, b.cout, b.stride))
+        self.fc = nn.Linear(feature_width(MAX_ARCH, shape), shape.num_classes)
 
     def features(self, x: torch.Tensor, arch: Arch) -> torch.Tensor:
         """Pooled features of `arch` (width = its stage-4 output channels)."""
-        stem, plan = arch_channels(arch, self.shape)
-        x = F.relu(self.stem(x, stem))
+        x = F.relu(self.stem(x, stem_channels(arch, self.shape)))
         if self.pool:
             x = F.max_pool2d(x, 3, 2, 1)
-        i = 0
-        for s, blocks in enumerate(self.stages):
-            for b in range(arch.depths[s]):
-                _, mid, cout, _ = plan[i]
-                x = blocks[b](x, mid, cout)
-                i += 1
+        for b in blocks_of(arch, self.shape):
+            x = self.stages[b.stage][b.index](x, b.mid, b.cout)
         return torch.flatten(F.adaptive_avg_pool2d(x, 1), 1)
 
     def forward(self, x: torch.Tensor, arch: Arch) -> torch.Tensor:
@@ -283,7 +303,8 @@ class BasicBlock(nn.Module):
         self.bn2 = nn.BatchNorm2d(cout)
         self.downsample = None
         if stride != 1 or cin != cout:
-            self.downsample = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+            projection = nn.Conv2d(cin, cout, 1, stride, bias=False)
+            self.downsample = nn.Sequential(projection, nn.BatchNorm2d(cout))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x)))))
@@ -296,13 +317,14 @@ class StaticNet(nn.Module):
     def __init__(self, arch: Arch, shape: NetShape = NetShape()):
         super().__init__()
         self.arch, self.shape = arch, shape
-        k, stride, pad, pool = _stem_geometry(shape)
-        stem, plan = arch_channels(arch, shape)
-        self.conv1 = nn.Conv2d(shape.in_channels, stem, k, stride, pad, bias=False)
+        kernel, stride, pad, pool = _stem_geometry(shape)
+        stem = stem_channels(arch, shape)
+        self.conv1 = nn.Conv2d(shape.in_channels, stem, kernel, stride, pad, bias=False)
         self.bn1 = nn.BatchNorm2d(stem)
         self.maxpool = nn.MaxPool2d(3, 2, 1) if pool else nn.Identity()
-        self.blocks = nn.Sequential(*(BasicBlock(*p) for p in plan))
-        self.fc = nn.Linear(plan[-1][2], shape.num_classes)
+        blocks = blocks_of(arch, shape)
+        self.blocks = nn.Sequential(*(BasicBlock(b.cin, b.mid, b.cout, b.stride) for b in blocks))
+        self.fc = nn.Linear(feature_width(arch, shape), shape.num_classes)
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
@@ -328,34 +350,31 @@ def extract_subnet(supernet: Supernet, arch: Arch) -> StaticNet:
     """A static network of `arch` holding copies of the supernet's sliced weights."""
     net = StaticNet(arch, supernet.shape).to(supernet.fc.weight.device)
     _copy_conv_bn(net.conv1, net.bn1, supernet.stem)
-    i = 0
-    for s, blocks in enumerate(supernet.stages):
-        for b in range(arch.depths[s]):
-            src, dst = blocks[b], net.blocks[i]
-            _copy_conv_bn(dst.conv1, dst.bn1, src.conv1)
-            _copy_conv_bn(dst.conv2, dst.bn2, src.conv2)
-            if dst.downsample is not None:
-                _copy_conv_bn(dst.downsample[0], dst.downsample[1], src.shortcut)
-            i += 1
+    for b, dst in zip(blocks_of(arch, supernet.shape), net.blocks):
+        src = supernet.stages[b.stage][b.index]
+        _copy_conv_bn(dst.conv1, dst.bn1, src.conv1)
+        _copy_conv_bn(dst.conv2, dst.bn2, src.conv2)
+        if dst.downsample is not None:
+            _copy_conv_bn(dst.downsample[0], dst.downsample[1], src.shortcut)
     net.fc.weight.copy_(supernet.fc.weight[:, :net.fc.in_features])
     net.fc.bias.copy_(supernet.fc.bias)
     return net.train(supernet.training)
 
 
-def count_flops_params(model_or_arch, image_size: int = 224, shape: NetShape | None = None) -> tuple[int, int]:
-    """(FLOPs of one forward pass on one image, parameter count), counted by FlopCounterMode.
+def count_flops_params(net_or_arch, shape: NetShape = NetShape()) -> tuple[int, int]:
+    """(FLOPs of one forward pass on one image of `shape`, parameter count), by FlopCounterMode.
 
     An Arch is built as a StaticNet on the meta device, so counting costs no real compute.
     FLOPs are FlopCounterMode's: 2 per multiply-accumulate of the convs and the linear layer.
     """
-    if isinstance(model_or_arch, Arch):
-        shape = shape or NetShape(image_size=image_size)
+    if isinstance(net_or_arch, Arch):
         with torch.device("meta"):
-            model = StaticNet(model_or_arch, shape)
+            net = StaticNet(net_or_arch, shape)
     else:
-        model = model_or_arch
-    p = next(model.parameters())
-    x = torch.zeros(1, model.conv1.in_channels, image_size, image_size, device=p.device, dtype=p.dtype)
+        net = net_or_arch
+    p = next(net.parameters())
+    size = shape.image_size
+    x = torch.zeros(1, shape.in_channels, size, size, device=p.device, dtype=p.dtype)
     with FlopCounterMode(display=False) as counter, torch.no_grad():
-        model.eval()(x)
-    return counter.get_total_flops(), sum(q.numel() for q in model.parameters())
+        net.eval()(x)
+    return counter.get_total_flops(), sum(q.numel() for q in net.parameters())

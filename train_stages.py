@@ -1,4 +1,5 @@
-"""Supernet training: data, the K-path step, every stage of the paper, checkpoints and the event log.
+"""Supernet training: the presets, the K-path step, every stage of the paper, checkpoints and the
+event log.
 
 The pipeline of "Improving the Rank Consistency of One-Shot NAS" (APS/CPT/SSE):
 
@@ -13,18 +14,17 @@ and the baselines: spos (uniform single path) and ps_depth/ps_width (uniform shr
 Π-NAS ("Pi-NAS", ICCV 2021) is here too, unsupervised: pinas trains the supernet by cross-path
 mean-teacher contrast without labels, then linear_head fits only the classifier on its frozen
 features so that archs can be ranked by top-1; pinas can also precede the supervised stages.
-Every phase restarts its learning rate, warms up linearly and decays by cosine to 0.
-Epochs and learning rates are the paper's; a preset scales all epochs by one factor and all
-learning rates by another, so the ratios between phases stay the paper's.
+
+Every phase restarts its learning rate, warms up linearly and decays by cosine to 0. Epochs and
+learning rates are the paper's; a preset scales all epochs by one factor and all learning rates
+by another, so the ratios between phases stay the paper's.
 """
 
-import gzip
 import json
 import math
 import os
 import random
 import signal
-import struct
 import time
 from collections import deque
 from copy import deepcopy
@@ -35,7 +35,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import supernet as sn
+import supernet
+from data import mix_seed
 
 # ---------------------------------------------------------------- presets
 
@@ -47,7 +48,7 @@ class Preset:
 
     name: str
     dataset: str                  # fashion-mnist | cifar10 | cifar100 | imagenet
-    image_size: int
+    image_size: int               # images are resized to this (Fashion-MNIST is 28 px, CIFAR 32)
     in_channels: int
     num_classes: int
     width_mult: float
@@ -63,201 +64,84 @@ class Preset:
     calib_batch_size: int = 256
     gt_epochs: float = 10.0       # stand-alone ground-truth recipe
     gt_lr: float = 0.1
+    gt_batch_size: int = 256
+    gt_label_smoothing: float = 0.0
     gt_n: int = 50                # ground-truth archs
-    gt_twice: int = 10            # of which trained with a second seed (noise ceiling)
+    gt_seeds: int = 2             # seeds per arch: the ground truth is their mean
     probe_every: int = 200        # steps between running rank probes (0: phase ends only)
     probe_calib_batches: int = 4
     probe_eval_images: int = 1000
     log_every: int = 20
     checkpoint_every: int = 500
     queue_size: int = 65536       # Π-NAS negatives (MoCo's size; small datasets need fewer)
+    cpu_threads: int = 0          # torch threads on CPU (0: torch's default); results depend on it
 
     @property
-    def shape(self) -> sn.NetShape:
-        return sn.NetShape(self.image_size, self.in_channels, self.num_classes, self.width_mult, self.divisor)
+    def shape(self) -> supernet.NetShape:
+        return supernet.NetShape(self.image_size, self.in_channels, self.num_classes,
+                                 self.width_mult, self.divisor)
 
 
-# ---------------------------------------------------------------- data
-
-FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
-FASHION_MNIST_FILES = ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz",
-                       "t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")
-IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-
-
-class DataError(Exception):
-    """A dataset that cannot be had; the message says how to get it."""
-
-
-def _mix(*numbers: int) -> int:
-    """One 63-bit seed from several integers, so every (run, phase, step) has its own stream."""
-    h = 0x9E3779B97F4A7C15
-    for n in numbers:
-        h = (h * 0x100000001B3 ^ (n & 0xFFFFFFFFFFFFFFFF)) & 0x7FFFFFFFFFFFFFFF
-    return h
-
-
-def _read_idx_gz(path: Path) -> torch.Tensor:
-    """An IDX file (the MNIST format): magic with the number of dims in byte 3, big-endian sizes, bytes."""
-    raw = gzip.open(path).read()
-    ndim = raw[3]
-    dims = struct.unpack(f">{ndim}I", raw[4:4 + 4 * ndim])
-    return torch.frombuffer(bytearray(raw[4 + 4 * ndim:]), dtype=torch.uint8).reshape(dims)
-
-
-def _fashion_mnist(data_dir: Path | None):
-    for d in [data_dir, data_dir and data_dir / "FashionMNIST" / "raw", FASHION_MNIST_DIR]:
-        if d and all((d / f).exists() for f in FASHION_MNIST_FILES):
-            xs = [_read_idx_gz(d / f) for f in FASHION_MNIST_FILES]
-            return xs[0][:, None], xs[1].long(), xs[2][:, None], xs[3].long()
-    raise DataError("Fashion-MNIST not found: install it with `apt-get install -y dataset-fashion-mnist` "
-                    f"(files in {FASHION_MNIST_DIR}) or pass --data-dir holding the four .gz files")
-
-
-def _cifar(name: str, data_dir: Path | None):
-    import torchvision
-    cls = torchvision.datasets.CIFAR10 if name == "cifar10" else torchvision.datasets.CIFAR100
-    root = data_dir or Path("data")
-    try:
-        train, test = (cls(str(root), train=t, download=True) for t in (True, False))
-    except Exception as e:  # torchvision raises URLError, RuntimeError or OSError when offline
-        raise DataError(f"{name} could not be loaded from {root} or downloaded ({type(e).__name__}); "
-                        "put the dataset there with --data-dir, or use --preset tiny (Fashion-MNIST, offline)")
-
-    def nchw(ds):
-        return torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous(), torch.tensor(ds.targets)
-    return (*nchw(train), *nchw(test))
+PRESETS = {
+    # CPU smoke run on a Fashion-MNIST subset: every stage runs, a paper epoch is about one step.
+    "tiny": Preset(
+        "tiny", "fashion-mnist", 28, 1, 10, width_mult=0.125, divisor=2, batch_size=64,
+        epoch_scale=0.008, lr_scale=10, warmup_epochs=1, warmup_lr=0.1, train_subset=5000,
+        eval_subset=1000, calib_batches=4, calib_batch_size=128,
+        gt_epochs=1.5, gt_lr=0.1, gt_batch_size=64, gt_n=8,
+        probe_every=0, probe_calib_batches=2, probe_eval_images=500, log_every=5,
+        checkpoint_every=50, queue_size=1024),
+    # Rank evidence on 2 CPU cores: all of Fashion-MNIST at 14 px (2 x 2 averaged), every
+    # ground-truth arch trained with 2 seeds. Its recipe was chosen from a measured curve of
+    # seed-vs-seed agreement on archs apart from the headline ones (bench/gt_recipe.py).
+    "small": Preset(
+        "small", "fashion-mnist", 14, 1, 10, width_mult=0.125, divisor=2, batch_size=256,
+        epoch_scale=0.02, lr_scale=10, warmup_epochs=2, warmup_lr=0.1,
+        calib_batches=10, calib_batch_size=256,
+        gt_epochs=1, gt_lr=0.1, gt_batch_size=256, gt_label_smoothing=0.1, gt_n=40,
+        probe_every=0, probe_calib_batches=2, probe_eval_images=2000, log_every=10,
+        checkpoint_every=200, queue_size=4096, cpu_threads=2),
+    # One GPU, about an hour: CIFAR-10 at half width, a paper epoch is a quarter of CIFAR.
+    "cifar": Preset(
+        "cifar", "cifar10", 32, 3, 10, width_mult=0.5, divisor=4, batch_size=256,
+        epoch_scale=0.25, lr_scale=10, warmup_epochs=15, warmup_lr=0.2, eval_subset=10000,
+        calib_batches=8, calib_batch_size=250, gt_epochs=8, gt_lr=0.2, gt_n=50,
+        probe_every=200, probe_calib_batches=4, probe_eval_images=2000, queue_size=4096),
+    # The cifar budget on Fashion-MNIST (60,000 images), for GPU machines that cannot download
+    # CIFAR: carry the four .gz files and pass --data-dir.
+    "fashion": Preset(
+        "fashion", "fashion-mnist", 28, 1, 10, width_mult=0.5, divisor=4, batch_size=256,
+        epoch_scale=0.25, lr_scale=10, warmup_epochs=15, warmup_lr=0.2, eval_subset=10000,
+        calib_batches=8, calib_batch_size=250, gt_epochs=8, gt_lr=0.2, gt_n=50,
+        probe_every=200, probe_calib_batches=4, probe_eval_images=2000, queue_size=4096),
+    # The paper's schedule on ImageNet (the warm-up and ground truth recipe are ours).
+    "paper": Preset(
+        "paper", "imagenet", 224, 3, 1000, width_mult=1.0, divisor=8, batch_size=256,
+        epoch_scale=1.0, lr_scale=1.0, warmup_epochs=90, warmup_lr=0.1, eval_subset=50000,
+        gt_epochs=90, gt_lr=0.1, gt_n=50, probe_every=2000, probe_eval_images=5000,
+        checkpoint_every=2000),
+}
 
 
-class TensorData:
-    """A small dataset kept whole on the training device as uint8, augmented there in batches
-    (random crop with zero padding, horizontal flip): no per-image DataLoader work.
-
-    Every batch is a pure function of (key, step), so a resumed run sees the same batches.
-    """
-
-    def __init__(self, train_x, train_y, test_x, test_y, device, pad: int):
-        self.device, self.pad = torch.device(device), pad
-        self.train_x, self.train_y = train_x.to(self.device), train_y.to(self.device)
-        self.test_x, self.test_y = test_x.to(self.device), test_y.to(self.device)
-        pixels = train_x[:10000].float().div(255).transpose(0, 1).flatten(1)
-        self.mean = pixels.mean(1).view(1, -1, 1, 1).to(self.device)
-        self.std = pixels.std(1).view(1, -1, 1, 1).to(self.device)
-        self.train_size = len(self.train_y)
-        self._perm_key, self._perm = None, None
-
-    def normalize(self, x: torch.Tensor) -> torch.Tensor:
-        x = (x.float().div_(255) - self.mean) / self.std
-        return x.contiguous(memory_format=torch.channels_last) if x.is_cuda else x
-
-    def train_batch(self, key: int, step: int, batch_size: int):
-        n = len(self.train_y)
-        epoch, i = divmod(step, max(1, n // batch_size))
-        if self._perm_key != (key, epoch):
-            g = torch.Generator().manual_seed(_mix(key, epoch))
-            self._perm_key, self._perm = (key, epoch), torch.randperm(n, generator=g).to(self.device)
-        idx = self._perm[i * batch_size:(i + 1) * batch_size]
-        x = self.augment(self.train_x[idx], torch.Generator().manual_seed(_mix(key, epoch, i, 1)))
-        return self.normalize(x), self.train_y[idx]
-
-    def augment(self, x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
-        b, c, h, w = x.shape
-        dev, p = x.device, self.pad
-        oy = torch.randint(0, 2 * p + 1, (b, 1), generator=g).to(dev, non_blocking=True)
-        ox = torch.randint(0, 2 * p + 1, (b, 1), generator=g).to(dev, non_blocking=True)
-        flip = (torch.rand(b, 1, generator=g) < 0.5).to(dev, non_blocking=True)
-        rows = oy + torch.arange(h, device=dev)
-        cols = ox + torch.arange(w, device=dev)
-        cols = torch.where(flip, cols.flip(1), cols)
-        xp = F.pad(x, (p, p, p, p))
-        return xp[torch.arange(b, device=dev)[:, None, None, None], torch.arange(c, device=dev)[None, :, None, None],
-                  rows[:, None, :, None], cols[:, None, None, :]]
-
-    def calib_batches(self, n_batches: int, batch_size: int, seed: int):
-        """A fixed, seeded subset of training images, un-augmented, for BN recalibration."""
-        g = torch.Generator().manual_seed(_mix(seed, 7))
-        idx = torch.randperm(len(self.train_y), generator=g)[:n_batches * batch_size].to(self.device)
-        return [self.normalize(self.train_x[j]) for j in idx.split(batch_size)]
-
-    def eval_batches(self, limit: int, batch_size: int):
-        n = len(self.test_y) if limit <= 0 else min(limit, len(self.test_y))
-        return [(self.normalize(self.test_x[i:min(i + batch_size, n)]), self.test_y[i:min(i + batch_size, n)])
-                for i in range(0, n, batch_size)]
+def set_threads(preset: Preset) -> None:
+    """Pin torch's CPU threads where the preset says so: float results depend on the count."""
+    if preset.cpu_threads:
+        torch.set_num_threads(preset.cpu_threads)
 
 
-class FolderData:
-    """ImageNet-style folders (`train/`, `val/` of class sub-folders) through torchvision's
-    ImageFolder and a DataLoader with workers: too large to keep on the device."""
-
-    def __init__(self, root: Path, image_size: int, device, workers: int = 8):
-        import torchvision.transforms as T
-        from torchvision.datasets import ImageFolder
-        if not (root / "train").is_dir() or not (root / "val").is_dir():
-            raise DataError(f"ImageNet folder {root} must hold train/ and val/ with one sub-folder per class")
-        norm = T.Normalize(IMAGENET_MEAN, IMAGENET_STD)
-        self.device, self.workers = torch.device(device), workers
-        self.train = ImageFolder(str(root / "train"), T.Compose(
-            [T.RandomResizedCrop(image_size), T.RandomHorizontalFlip(), T.ToTensor(), norm]))
-        self.plain = ImageFolder(str(root / "train"), T.Compose(
-            [T.Resize(image_size * 8 // 7), T.CenterCrop(image_size), T.ToTensor(), norm]))
-        self.val = ImageFolder(str(root / "val"), self.plain.transform)
-        self.train_size = len(self.train)
-        self._iter_key, self._iter = None, None
-
-    def _loader(self, dataset, indices, batch_size):
-        subset = torch.utils.data.Subset(dataset, indices)
-        return torch.utils.data.DataLoader(subset, batch_size, num_workers=self.workers, drop_last=False,
-                                           pin_memory=self.device.type == "cuda", persistent_workers=False)
-
-    def _to_device(self, x, y):
-        x = x.to(self.device, non_blocking=True)
-        x = x.contiguous(memory_format=torch.channels_last) if x.is_cuda else x
-        return x, y.to(self.device, non_blocking=True)
-
-    def train_batch(self, key: int, step: int, batch_size: int):
-        per_epoch = max(1, len(self.train) // batch_size)
-        epoch, i = divmod(step, per_epoch)
-        if self._iter_key != (key, epoch, i):  # a fresh epoch, or a resume in the middle of one
-            g = torch.Generator().manual_seed(_mix(key, epoch))
-            perm = torch.randperm(len(self.train), generator=g)[i * batch_size:per_epoch * batch_size].tolist()
-            self._iter = iter(self._loader(self.train, perm, batch_size))
-        self._iter_key = (key, epoch, i + 1)
-        return self._to_device(*next(self._iter))
-
-    def calib_batches(self, n_batches: int, batch_size: int, seed: int):
-        g = torch.Generator().manual_seed(_mix(seed, 7))
-        idx = torch.randperm(len(self.plain), generator=g)[:n_batches * batch_size].tolist()
-        return [self._to_device(x, y)[0] for x, y in self._loader(self.plain, idx, batch_size)]
-
-    def eval_batches(self, limit: int, batch_size: int):
-        n = len(self.val) if limit <= 0 else min(limit, len(self.val))
-        return [self._to_device(x, y) for x, y in self._loader(self.val, list(range(n)), batch_size)]
-
-
-def load_data(preset: Preset, device, data_dir: Path | None = None, seed: int = 0):
-    """The preset's dataset on `device`; DataError with the way to get it when it is missing."""
-    if preset.dataset == "imagenet":
-        if data_dir is None:
-            raise DataError("the paper preset needs ImageNet: pass --data-dir holding train/ and val/")
-        return FolderData(data_dir, preset.image_size, device)
-    if preset.dataset == "fashion-mnist":
-        tx, ty, vx, vy = _fashion_mnist(data_dir)
-        pad = 2
-    elif preset.dataset in ("cifar10", "cifar100"):
-        tx, ty, vx, vy = _cifar(preset.dataset, data_dir)
-        pad = 4
-    else:
-        raise DataError(f"unknown dataset {preset.dataset!r}")
-    if preset.train_subset:
-        keep = torch.randperm(len(ty), generator=torch.Generator().manual_seed(_mix(seed, 3)))[:preset.train_subset]
-        tx, ty = tx[keep], ty[keep]
-    return TensorData(tx, ty, vx, vy, device, pad)
+def pick_device(name: str) -> str:
+    """'auto', 'cpu' or 'cuda' as the device to train on; ValueError when it is not here."""
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name not in ("cpu", "cuda") or (name == "cuda" and not torch.cuda.is_available()):
+        raise ValueError(f"device {name!r} is not available here; use cpu, cuda or auto")
+    return name
 
 
 # ---------------------------------------------------------------- sampling spaces and phases
 
-FULL_DEPTHS = sn.DEPTH_RANGES
-MAX_ONLY = tuple((d, d) for d in sn.MAX_DEPTHS)
+FULL_DEPTHS = supernet.DEPTH_RANGES
+MAX_ONLY = tuple((d, d) for d in supernet.MAX_DEPTHS)
 WIDEST = ((1,),) * 4
 
 
@@ -271,7 +155,7 @@ class Phase:
     lr: float                     # initial lr: the paper's x preset.lr_scale
     k: int                        # archs sampled per step
     depths: tuple = FULL_DEPTHS   # (lo, hi) per stage
-    widths: tuple = sn.WIDTH_CODES
+    widths: tuple = supernet.WIDTH_CODES
     sub: int | None = None        # SSE: the sub-supernet this phase trains
 
     def space(self) -> dict:
@@ -283,11 +167,16 @@ APS_DEPTH = {  # Sec. 3.2: (epochs, lr, D1..D4 ranges); v2 and v3 change stage 4
            (10, 0.002, ((3, 5), (3, 5), (4, 8), (3, 5))),
            (15, 0.004, ((2, 5), (2, 5), (2, 8), (2, 5)))],
 }
-APS_DEPTH["v2"] = [APS_DEPTH["v1"][0], (10, 0.002, ((3, 5), (3, 5), (4, 8), (2, 5))), APS_DEPTH["v1"][2]]
-APS_DEPTH["v3"] = [(5, 0.001, ((4, 5), (4, 5), (6, 8), (2, 5))), APS_DEPTH["v2"][1], APS_DEPTH["v1"][2]]
+APS_DEPTH["v2"] = [APS_DEPTH["v1"][0],
+                   (10, 0.002, ((3, 5), (3, 5), (4, 8), (2, 5))),
+                   APS_DEPTH["v1"][2]]
+APS_DEPTH["v3"] = [(5, 0.001, ((4, 5), (4, 5), (6, 8), (2, 5))),
+                   APS_DEPTH["v2"][1],
+                   APS_DEPTH["v1"][2]]
 APS_WIDTH = [(5, 0.001, ((1, 2, 3),) * 4),  # Sec. 3.2: stem+S1, S2, S3, S4 allowed codes
              (10, 0.002, ((1, 2, 3), (1, 2, 3), (1, 2, 3, 4, 5), (1, 2, 3, 4, 5))),
-             (25, 0.004, sn.WIDTH_CODES)]
+             (25, 0.004, supernet.WIDTH_CODES)]
+APS_K = 4
 # SSE regions as (stage-3 depth, stage-4 depth) pairs (Sec. 2.3, 3.4); the last group of each is
 # the untouched shared copy, owner of every pair not listed before it.
 SSE34 = [{(2, 2), (2, 3), (2, 4)},
@@ -296,39 +185,56 @@ SSE34 = [{(2, 2), (2, 3), (2, 4)},
          {(d3, 5) for d3 in range(2, 8)}]
 SSE34_EPOCHS = (6, 9, 6, 9)
 SSE4 = [{(d3, 2) for d3 in range(2, 9)}, {(d3, 5) for d3 in range(2, 9)}]
-SSE4_EPOCHS = (9, 9)  # our reading: the paper gives no SSE4 epochs; we give both groups SSE34's longer length
+SSE4_EPOCHS = (9, 9)  # our reading: the paper gives none; both groups get SSE34's longer length
 SSE_LR = 0.003
-STAGES = ("warmup", "spos", "ps_depth", "ps_width", "aps_depth", "aps_width", "cpt", "sse4", "sse34", "pinas",
-          "linear_head")
+SSE_STAGES = ("sse4", "sse34")
+STAGES = ("warmup", "spos", "ps_depth", "ps_width", "aps_depth", "aps_width", "cpt", "sse4",
+          "sse34", "pinas", "linear_head")
 METHODS = {"full": ("warmup", "aps_depth", "aps_width", "cpt", "sse34"),
            "spos": ("warmup", "spos"),
            "ps": ("warmup", "ps_depth", "ps_width"),
            "pinas": ("pinas", "linear_head"),
-           # labels only after Π-NAS; the warm-up then makes SSE's distillation teacher from its weights
+           # labels only after Π-NAS; the warm-up then makes SSE's distillation teacher
            "pinas_full": ("pinas", "warmup", "aps_depth", "aps_width", "cpt", "sse34")}
 SPOS_EPOCHS = sum(e for e, _, _ in APS_DEPTH["v1"]) + sum(e for e, _, _ in APS_WIDTH)
-PINAS_LR = 0.03             # MoCo's SGD lr at batch 256, scaled linearly with the batch (our reading)
-LINEAR_HEAD_LR = 0.03       # raw pooled features (norm ~8, one common mode) diverge above ~0.1
+PINAS_LR = 0.03         # MoCo's SGD lr at batch 256, scaled linearly with the batch (our reading)
+LINEAR_HEAD_LR = 0.03   # raw pooled features (norm ~8, one common mode) diverge above ~0.1
+
+
+def check_stages(stages) -> tuple[str, ...]:
+    """The stage list as a tuple; ValueError naming what cannot run."""
+    stages = tuple(stages)
+    unknown = [s for s in stages if s not in STAGES]
+    if unknown or not stages:
+        raise ValueError(f"unknown stage {unknown[0] if unknown else ''!r}; "
+                         f"stages are {', '.join(STAGES)}")
+    if set(SSE_STAGES) <= set(stages):
+        raise ValueError("sse4 and sse34 are two ways to split one supernet: "
+                         "a run takes one of them")
+    return stages
 
 
 def sse_groups(stage: str):
+    """(regions, epochs of each) of an SSE stage."""
     return (SSE34, SSE34_EPOCHS) if stage == "sse34" else (SSE4, SSE4_EPOCHS)
 
 
-def sse_owner(arch: sn.Arch, stage: str) -> int:
-    """The sub-supernet that owns `arch`: the first region holding its (d3, d4), else the shared copy."""
+def sse_owner(arch: supernet.Arch, stage: str) -> int:
+    """The sub-supernet that owns `arch`: the first region holding its (d3, d4), else the
+    shared copy (the last index)."""
     groups, _ = sse_groups(stage)
     pair = (arch.depths[2], arch.depths[3])
     return next((i for i, g in enumerate(groups) if pair in g), len(groups))
 
 
 def stage_phases(stage: str, preset: Preset, aps: str = "v3") -> list[Phase]:
-    """The phases of one stage: the paper's K and sampling spaces (SPEC §4), its epochs and lrs
-    scaled by the preset (the warm-up has no paper counterpart: the preset gives its own)."""
+    """The phases of one stage: the paper's K and sampling spaces, its epochs and lrs scaled by
+    the preset (the warm-up has no paper counterpart: the preset gives its own)."""
     if stage == "warmup":
         return [Phase(stage, "warmup", preset.warmup_epochs, preset.warmup_lr, 1, MAX_ONLY, WIDEST)]
     if stage == "pinas":  # from scratch, like the warm-up: its lr is not a fine-tuning lr
-        return [Phase(stage, "pinas", SPOS_EPOCHS * preset.epoch_scale, PINAS_LR * preset.batch_size / 256, 2)]
+        lr = PINAS_LR * preset.batch_size / 256
+        return [Phase(stage, "pinas", SPOS_EPOCHS * preset.epoch_scale, lr, 2)]
     if stage == "linear_head":  # a linear probe as long as the warm-up: forward passes only
         return [Phase(stage, "linear_head", preset.warmup_epochs, LINEAR_HEAD_LR, 1)]
     return [replace(p, epochs=p.epochs * preset.epoch_scale, lr=p.lr * preset.lr_scale)
@@ -338,25 +244,29 @@ def stage_phases(stage: str, preset: Preset, aps: str = "v3") -> list[Phase]:
 def paper_phases(stage: str, aps: str) -> list[Phase]:
     """A stage's phases with the paper's epochs and learning rates."""
     if stage == "aps_depth":
-        return [Phase(stage, f"aps_depth_{aps}/{i + 1}", e, lr, 4, d, WIDEST)
+        return [Phase(stage, f"aps_depth_{aps}/{i + 1}", e, lr, APS_K, d, WIDEST)
                 for i, (e, lr, d) in enumerate(APS_DEPTH[aps])]
-    if stage == "ps_depth":  # our reading of uniform PS: every lower bound drops alike, max-1, max-2, 2
+    if stage == "ps_depth":
+        # our reading of uniform PS: every stage's lower bound drops alike, max-1, max-2, then 2
         bounds = [lambda m: m - 1, lambda m: m - 2, lambda m: 2]
-        return [Phase(stage, f"ps_depth/{i + 1}", e, lr, 4, tuple((b(m), m) for m in sn.MAX_DEPTHS), WIDEST)
-                for i, ((e, lr, _), b) in enumerate(zip(APS_DEPTH["v1"], bounds))]
+        return [Phase(stage, f"ps_depth/{i + 1}", e, lr, APS_K,
+                      tuple((low(m), m) for m in supernet.MAX_DEPTHS), WIDEST)
+                for i, ((e, lr, _), low) in enumerate(zip(APS_DEPTH["v1"], bounds))]
     if stage in ("aps_width", "ps_width"):
-        return [Phase(stage, f"{stage}/{i + 1}", e, lr, 4, FULL_DEPTHS, w) for i, (e, lr, w) in enumerate(APS_WIDTH)]
+        return [Phase(stage, f"{stage}/{i + 1}", e, lr, APS_K, FULL_DEPTHS, w)
+                for i, (e, lr, w) in enumerate(APS_WIDTH)]
     if stage == "spos":  # the same budget in epochs as APS depth + width, one path per step
         return [Phase(stage, "spos", SPOS_EPOCHS, 0.004, 1)]
     if stage == "cpt":
         return [Phase(stage, "cpt", 30, 0.001, 1)]
-    if stage in ("sse4", "sse34"):
+    if stage in SSE_STAGES:
         _, epochs = sse_groups(stage)
         return [Phase(stage, f"{stage}/{i}", e, SSE_LR, 1, sub=i) for i, e in enumerate(epochs)]
     raise ValueError(f"unknown stage {stage!r}; stages are {', '.join(STAGES)}")
 
 
-def phase_steps(phase: Phase, preset: Preset, train_size: int) -> int:
+def phase_length(phase: Phase, preset: Preset, train_size: int) -> int:
+    """Optimizer steps in a phase."""
     return max(1, round(phase.epochs * train_size / preset.batch_size))
 
 
@@ -373,24 +283,26 @@ def lr_at(step: int, steps: int, base: float) -> float:
 class ConstraintPool:
     """NSAS's constraint pool with the paper's Eq.-2 distance (Sec. 2.4, 3.3).
 
-    Novelty of an arch = mean Eq.-2 distance to its `k` nearest pool members. While the pool is not
-    full, the most novel recent arch joins it. Once full, each step looks at the member nearest
-    to the current sample (the one its update would disturb most); if some recent arch is more
-    novel with respect to the rest of the pool than that member is, it takes that member's place.
+    Novelty of an arch = mean Eq.-2 distance to its `k` nearest pool members. While the pool is
+    not full, the most novel recent arch joins it. Once full, each step looks at the member
+    nearest to the current sample (the one its update would disturb most); if some recent arch
+    is more novel with respect to the rest of the pool than that member is, it takes that
+    member's place.
     """
 
     def __init__(self, size: int = 10, recent: int = 100, k: int = 10):
-        self.size, self.k = size, k
-        self.members: list[sn.Arch] = []
-        self.recent: deque[sn.Arch] = deque(maxlen=recent)
+        self.size = size
+        self.k = k
+        self.members: list[supernet.Arch] = []
+        self.recent: deque[supernet.Arch] = deque(maxlen=recent)
 
-    def novelties(self, archs: list[sn.Arch], others: list[sn.Arch]) -> torch.Tensor:
+    def novelties(self, archs: list[supernet.Arch], others: list[supernet.Arch]) -> torch.Tensor:
         if not others:
             return torch.full((len(archs),), math.inf)
         d = torch.cdist(_code_matrix(archs), _code_matrix(others), p=1)
         return d.topk(min(self.k, len(others)), dim=1, largest=False).values.mean(1)
 
-    def update(self, sampled: sn.Arch) -> None:
+    def update(self, sampled: supernet.Arch) -> None:
         self.recent.append(sampled)
         candidates = [a for a in dict.fromkeys(self.recent) if a not in self.members]
         if not candidates:
@@ -398,7 +310,7 @@ class ConstraintPool:
         if len(self.members) < self.size:
             self.members.append(candidates[int(self.novelties(candidates, self.members).argmax())])
             return
-        nearest = min(range(self.size), key=lambda i: sn.distance(self.members[i], sampled))
+        nearest = min(range(self.size), key=lambda i: supernet.distance(self.members[i], sampled))
         rest = self.members[:nearest] + self.members[nearest + 1:]
         scores = self.novelties(candidates + [self.members[nearest]], rest)
         best = int(scores[:-1].argmax())
@@ -409,28 +321,31 @@ class ConstraintPool:
         """Size, mean and min pairwise Eq.-2 distance, mean novelty of the members, their codes."""
         n = len(self.members)
         out = {"size": n, "mean_dist": 0.0, "min_dist": 0.0, "novelty": 0.0,
-               "archs": [sn.encode(a) for a in self.members]}
+               "archs": [supernet.encode(a) for a in self.members]}
         if n > 1:
             d = torch.cdist(_code_matrix(self.members), _code_matrix(self.members), p=1)
             pairs = d[torch.triu_indices(n, n, 1).unbind()]
-            nearest = (d + torch.diag(torch.full((n,), math.inf))).topk(min(self.k, n - 1), 1, largest=False).values
-            out.update(mean_dist=pairs.mean().item(), min_dist=pairs.min().item(), novelty=nearest.mean().item())
+            others = d + torch.diag(torch.full((n,), math.inf))
+            nearest = others.topk(min(self.k, n - 1), 1, largest=False).values
+            out.update(mean_dist=pairs.mean().item(), min_dist=pairs.min().item(),
+                       novelty=nearest.mean().item())
         return out
 
     def state(self) -> dict:
-        return {"members": [sn.encode(a) for a in self.members], "recent": [sn.encode(a) for a in self.recent]}
+        return {"members": [supernet.encode(a) for a in self.members],
+                "recent": [supernet.encode(a) for a in self.recent]}
 
     def load(self, state: dict) -> None:
-        self.members = [sn.decode(c) for c in state["members"]]
+        self.members = [supernet.decode(c) for c in state["members"]]
         self.recent.clear()
-        self.recent.extend(sn.decode(c) for c in state["recent"])
+        self.recent.extend(supernet.decode(c) for c in state["recent"])
 
 
-def _code_matrix(archs: list[sn.Arch]) -> torch.Tensor:
-    return torch.tensor([sn.layer_codes(a) for a in archs], dtype=torch.float32)
+def _code_matrix(archs: list[supernet.Arch]) -> torch.Tensor:
+    return torch.tensor([supernet.layer_codes(a) for a in archs], dtype=torch.float32)
 
 
-# ---------------------------------------------------------------- the run's state and its log
+# ---------------------------------------------------------------- the run's state, log and files
 
 class EventLog:
     """`events.jsonl`: one JSON object per line, flushed at once, the contract with the TUI."""
@@ -456,26 +371,28 @@ class Stopped(Exception):
 
 @dataclass
 class TrainState:
-    """Everything a checkpoint holds: weights, optimizer, position, RNG, pool, SSE copies."""
+    """Everything a checkpoint holds: weights, optimizer, position, RNG, pool, SSE copies, and
+    Π-NAS's teacher and queue while its stage runs."""
 
     preset: Preset
     stages: tuple
     seed: int
     aps: str = "v3"
     kd: bool = True
-    net: sn.Supernet = None
-    optimizer: torch.optim.Optimizer = None
+    net: supernet.Supernet = None
+    optimizer: torch.optim.Optimizer | None = None   # the current phase's; None between phases
     phase_index: int = 0          # into the flat list of all stages' phases
     step: int = 0                 # within that phase
     rng: random.Random = None
     pool: ConstraintPool = field(default_factory=ConstraintPool)
-    teacher: dict | None = None   # the warm-up's full net: SSE's distillation teacher
-    subnets: dict = field(default_factory=dict)  # SSE sub-supernet index -> weights
-    current_sub: int | None = None
-    cpt_pool: list = field(default_factory=list)  # SSE: the CPT pool each sub-supernet starts from
-    projector: nn.Module | None = None            # Π-NAS, during its stage: the student's projector,
-    mean_teacher: nn.ModuleDict | None = None     # the EMA teacher (net, projector)
-    queue: "NegativeQueue | None" = None          # and the negatives
+    kd_teacher: dict | None = None  # SSE's distillation teacher (a StaticNet's weights)
+    sse_stage: str | None = None  # the SSE stage that split the supernet; None before any split
+    subnets: dict = field(default_factory=dict)  # SSE: sub-supernet index -> its weights
+    current_sub: int | None = None  # the sub-supernet whose weights `net` holds now
+    cpt_members: list = field(default_factory=list)  # SSE: the CPT pool's codes at the split
+    projector: nn.Module | None = None          # Π-NAS, during its stage: the student's head,
+    mean_teacher: nn.ModuleDict | None = None   # the EMA teacher (net and projector),
+    queue: "NegativeQueue | None" = None        # and the negatives
     stop_requested: bool = False
 
     def config(self) -> dict:
@@ -483,6 +400,9 @@ class TrainState:
 
     def phases(self) -> list[Phase]:
         return [p for s in self.stages for p in stage_phases(s, self.preset, self.aps)]
+
+    def device(self) -> torch.device:
+        return self.net.fc.weight.device
 
 
 def run_config(preset: Preset, stages, seed: int, aps: str, kd: bool) -> dict:
@@ -494,16 +414,28 @@ def config_diff(a: dict, b: dict) -> list[str]:
     return sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k))
 
 
+def preset_from_config(config: dict) -> Preset:
+    """The run's preset; TrainingError for a config.json written by another version."""
+    try:
+        return Preset(**config["preset"])
+    except (TypeError, KeyError) as e:
+        raise TrainingError(f"config.json was written by another version of nas.py ({e}); "
+                            "start a new run")
+
+
 def state_from_config(config: dict, device) -> TrainState:
-    return new_state(Preset(**config["preset"]), config["stages"], config["seed"], device, config["aps"], config["kd"])
+    preset = preset_from_config(config)
+    return new_state(preset, config["stages"], config["seed"], device, config["aps"], config["kd"])
 
 
-def new_state(preset: Preset, stages, seed: int, device, aps: str = "v3", kd: bool = True) -> TrainState:
+def new_state(preset: Preset, stages, seed: int, device, aps: str = "v3",
+              kd: bool = True) -> TrainState:
+    stages = check_stages(stages)
     torch.manual_seed(seed)
-    net = sn.Supernet(preset.shape).to(device)
+    net = supernet.Supernet(preset.shape).to(device)
     if torch.device(device).type == "cuda":
         net = net.to(memory_format=torch.channels_last)
-    return TrainState(preset, tuple(stages), seed, aps, kd, net, rng=random.Random(seed))
+    return TrainState(preset, stages, seed, aps, kd, net, rng=random.Random(seed))
 
 
 def make_optimizer(params, lr: float) -> torch.optim.SGD:
@@ -511,7 +443,8 @@ def make_optimizer(params, lr: float) -> torch.optim.SGD:
 
 
 def trainable(st: TrainState, phase: Phase) -> list[nn.Parameter]:
-    """What a phase's optimizer steps: the linear probe only the classifier, Π-NAS also its projector."""
+    """What a phase's optimizer steps: the linear probe only the classifier, Π-NAS also its
+    projector, every other phase the supernet."""
     if phase.stage == "linear_head":
         return list(st.net.fc.parameters())
     if phase.stage == "pinas":
@@ -519,19 +452,36 @@ def trainable(st: TrainState, phase: Phase) -> list[nn.Parameter]:
     return list(st.net.parameters())
 
 
-def save_checkpoint(st: TrainState, path: Path) -> None:
-    """Atomic: written to a temp file, then renamed over the old one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    blob = {"config": st.config(), "phase_index": st.phase_index, "step": st.step,
-            "net": st.net.state_dict(), "optimizer": st.optimizer.state_dict() if st.optimizer else None,
-            "rng": st.rng.getstate(), "pool": st.pool.state(), "teacher": st.teacher,
-            "subnets": st.subnets, "current_sub": st.current_sub, "cpt_pool": st.cpt_pool,
-            "pinas": None if st.queue is None else {"projector": st.projector.state_dict(),
-                                                   "teacher": st.mean_teacher.state_dict(),
-                                                   "queue": st.queue.state()}}
+def replace_atomically(path: Path, write) -> None:
+    """`write(tmp)` then rename tmp over `path`: a reader never sees half a file."""
     tmp = path.with_name(path.name + ".tmp")
-    torch.save(blob, tmp)
+    write(tmp)
     os.replace(tmp, path)
+
+
+def last_checkpoint(run_dir: Path) -> Path:
+    """Where a run keeps the checkpoint it resumes from."""
+    return run_dir / "checkpoints" / "last.pt"
+
+
+def save_checkpoint(st: TrainState, path: Path) -> None:
+    """Atomic: a crash while writing leaves the previous checkpoint whole."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pinas = None
+    if st.queue is not None:
+        pinas = {"projector": st.projector.state_dict(),
+                 "mean_teacher": st.mean_teacher.state_dict(), "queue": st.queue.state()}
+    blob = {"config": st.config(), "phase_index": st.phase_index, "step": st.step,
+            "net": st.net.state_dict(),
+            "optimizer": st.optimizer.state_dict() if st.optimizer else None,
+            "rng": st.rng.getstate(), "pool": st.pool.state(), "kd_teacher": st.kd_teacher,
+            "sse_stage": st.sse_stage, "subnets": st.subnets, "current_sub": st.current_sub,
+            "cpt_members": st.cpt_members, "pinas": pinas}
+    replace_atomically(path, lambda tmp: torch.save(blob, tmp))
+
+
+CHECKPOINT_KEYS = {"config", "phase_index", "step", "net", "optimizer", "rng", "pool", "kd_teacher",
+                   "sse_stage", "subnets", "current_sub", "cpt_members", "pinas"}
 
 
 def load_checkpoint(st: TrainState, path: Path, extend: bool = False) -> None:
@@ -542,24 +492,33 @@ def load_checkpoint(st: TrainState, path: Path, extend: bool = False) -> None:
     later stages use (the APS version before aps_depth, KD before SSE) may then differ.
     """
     try:
-        blob = torch.load(path, map_location=st.net.fc.weight.device, weights_only=True)
+        blob = torch.load(path, map_location=st.device(), weights_only=True)
         config = blob["config"]
     except Exception as e:
-        raise TrainingError(f"checkpoint {path} cannot be read ({type(e).__name__}): it is damaged or not ours")
+        raise TrainingError(f"checkpoint {path} cannot be read ({type(e).__name__}): "
+                            "it is damaged or not ours")
+    missing = CHECKPOINT_KEYS - blob.keys()
+    if missing:
+        raise TrainingError(f"checkpoint {path} lacks {', '.join(sorted(missing))}: "
+                            "an older version of this program wrote it")
     if config != st.config() and not (extend and _begins(config, blob["phase_index"], st)):
         raise TrainingError(f"checkpoint {path} was made with a different config "
                             f"({', '.join(config_diff(config, st.config()))}); "
                             "resume with the same options or start a new --run")
     st.net.load_state_dict(blob["net"])
-    st.phase_index, st.step = blob["phase_index"], blob["step"]
+    st.phase_index = blob["phase_index"]
+    st.step = blob["step"]
     st.rng.setstate(_as_tuple(blob["rng"]))
     st.pool.load(blob["pool"])
-    st.teacher, st.subnets, st.current_sub = blob["teacher"], blob["subnets"], blob["current_sub"]
-    st.cpt_pool = blob["cpt_pool"]
+    st.kd_teacher = blob["kd_teacher"]
+    st.sse_stage = blob["sse_stage"]
+    st.subnets = blob["subnets"]
+    st.current_sub = blob["current_sub"]
+    st.cpt_members = blob["cpt_members"]
     if blob["pinas"] is not None:
         start_pinas(st)
         st.projector.load_state_dict(blob["pinas"]["projector"])
-        st.mean_teacher.load_state_dict(blob["pinas"]["teacher"])
+        st.mean_teacher.load_state_dict(blob["pinas"]["mean_teacher"])
         st.queue.load(blob["pinas"]["queue"])
     if blob["optimizer"] is not None:
         st.optimizer = make_optimizer(trainable(st, st.phases()[st.phase_index]), 0.0)
@@ -570,9 +529,13 @@ def _begins(config: dict, phase_index: int, st: TrainState) -> bool:
     """Whether a run of `config`, finished at `phase_index`, is the beginning of st's run."""
     stages = tuple(config["stages"])
     finished = phase_index == sum(len(stage_phases(s, st.preset, config["aps"])) for s in stages)
-    unused = {"stages"} | ({"aps"} if "aps_depth" not in stages else set()) \
-        | ({"kd"} if not {"sse4", "sse34"} & set(stages) else set())
-    return finished and st.stages[:len(stages)] == stages and set(config_diff(config, st.config())) <= unused
+    unused = {"stages"}
+    if "aps_depth" not in stages:
+        unused.add("aps")
+    if not set(SSE_STAGES) & set(stages):
+        unused.add("kd")
+    same_start = st.stages[:len(stages)] == stages
+    return finished and same_start and set(config_diff(config, st.config())) <= unused
 
 
 def _as_tuple(x):
@@ -596,12 +559,13 @@ def ce_step(st: TrainState, archs, x, y, weight: float = 1.0) -> list[torch.Tens
     return losses
 
 
-def sample_in(st: TrainState, phase: Phase) -> sn.Arch:
-    if phase.sub is not None:  # SSE: only inside the sub-supernet's region of (d3, d4)
+def sample_in(st: TrainState, phase: Phase) -> supernet.Arch:
+    """An arch from the phase's space; in SSE, from the sub-supernet's region of (d3, d4)."""
+    if phase.sub is not None:
         groups, _ = sse_groups(phase.stage)
         d3, d4 = st.rng.choice(sorted(groups[phase.sub]))
-        return sn.sample_arch(st.rng, FULL_DEPTHS[:2] + ((d3, d3), (d4, d4)), phase.widths)
-    return sn.sample_arch(st.rng, phase.depths, phase.widths)
+        return supernet.sample_arch(st.rng, FULL_DEPTHS[:2] + ((d3, d3), (d4, d4)), phase.widths)
+    return supernet.sample_arch(st.rng, phase.depths, phase.widths)
 
 
 def sampled_step(st: TrainState, phase: Phase, x, y):
@@ -612,7 +576,7 @@ def sampled_step(st: TrainState, phase: Phase, x, y):
 
 def warmup_step(st: TrainState, phase: Phase, x, y):
     """Full-net warm-up: the largest net alone (our stage; the challenge gave a pretrained one)."""
-    return [sn.MAX_ARCH], ce_step(st, [sn.MAX_ARCH], x, y)
+    return [supernet.MAX_ARCH], ce_step(st, [supernet.MAX_ARCH], x, y)
 
 
 def cpt_step(st: TrainState, phase: Phase, x, y):
@@ -628,26 +592,27 @@ def cpt_step(st: TrainState, phase: Phase, x, y):
     return [arch] + st.pool.members, losses
 
 
-def sse_step(st: TrainState, phase: Phase, x, y, teacher):
+def sse_step(st: TrainState, phase: Phase, x, y, distiller: nn.Module | None):
     """Sub-supernet Enhancing (Sec. 2.3, 3.4): 0.4 CE + 0.2 pool CE + 0.4 KD ("Dis").
 
     Our readings: the pool term is the mean over the pool (as in CPT); each sub-supernet keeps
     the CPT pool's members inside its region and goes on with NSAS's rule on its own samples;
-    KD is Hinton's KL(teacher || student) at temperature 1 with the warm-up's full net as
-    teacher. Without KD the weights are 0.6 CE + 0.4 pool CE (the paper does not say; we keep
-    the pool term's share of the CE).
+    KD is Hinton's KL(teacher || student) at temperature 1 with `distiller` as the teacher.
+    Without KD the weights are 0.6 CE + 0.4 pool CE (the paper does not say; we keep the pool
+    term's share of the CE).
     """
     arch = sample_in(st, phase)
     st.pool.update(arch)
-    w_ce, w_pool = (0.4, 0.2) if teacher is not None else (0.6, 0.4)
+    w_ce, w_pool = (0.4, 0.2) if distiller is not None else (0.6, 0.4)
     with autocast(x.device):
         logits = st.net(x, arch)
         loss = F.cross_entropy(logits, y)
         total = w_ce * loss
-        if teacher is not None:
+        if distiller is not None:
             with torch.no_grad():
-                target = F.softmax(teacher(x).float(), 1)
-            total = total + 0.4 * F.kl_div(F.log_softmax(logits.float(), 1), target, reduction="batchmean")
+                target = F.softmax(distiller(x).float(), 1)
+            kd = F.kl_div(F.log_softmax(logits.float(), 1), target, reduction="batchmean")
+            total = total + 0.4 * kd
     total.backward()
     losses = [loss.detach()] + ce_step(st, st.pool.members, x, y, w_pool / len(st.pool.members))
     return [arch] + st.pool.members, losses
@@ -669,25 +634,31 @@ def swap_sub(st: TrainState, sub: int | None) -> None:
     st.current_sub = sub
 
 
-def start_sse(st: TrainState, stage: str) -> None:
-    """Split: every sub-supernet (and the shared copy, the last index) starts from the CPT weights."""
+def split_for_sse(st: TrainState, stage: str) -> None:
+    """Every sub-supernet, and the shared copy (the last index), starts from the CPT weights;
+    the CPT pool is kept for the sub-supernets to start theirs from."""
     groups, _ = sse_groups(stage)
-    st.subnets = {i: {k: v.clone() for k, v in st.net.state_dict().items()} for i in range(len(groups) + 1)}
+    weights = st.net.state_dict()
+    st.subnets = {i: {k: v.clone() for k, v in weights.items()} for i in range(len(groups) + 1)}
     st.current_sub = len(groups)
-    st.cpt_pool = [sn.encode(a) for a in st.pool.members]
+    st.sse_stage = stage
+    st.cpt_members = [supernet.encode(a) for a in st.pool.members]
 
 
-def _teacher_net(st: TrainState):
-    if not st.kd or st.teacher is None:
+def distillation_teacher(st: TrainState) -> nn.Module | None:
+    """SSE's teacher as a network in eval mode, or None without KD."""
+    if not st.kd or st.kd_teacher is None:
         return None
-    net = sn.StaticNet(sn.MAX_ARCH, st.preset.shape).to(st.net.fc.weight.device)
-    net.load_state_dict(st.teacher)
+    net = supernet.StaticNet(supernet.MAX_ARCH, st.preset.shape).to(st.device())
+    net.load_state_dict(st.kd_teacher)
     return net.eval().requires_grad_(False)
 
 
 # ---------------------------------------------------------------- Π-NAS
 
-PINAS_DIM, PINAS_T, PINAS_MOMENTUM = 128, 0.2, 0.999
+PINAS_DIM = 128
+PINAS_T = 0.2
+PINAS_MOMENTUM = 0.999
 
 
 class Projector(nn.Module):
@@ -696,7 +667,8 @@ class Projector(nn.Module):
 
     def __init__(self, width: int, dim: int = PINAS_DIM):
         super().__init__()
-        self.fc1, self.fc2 = nn.Linear(width, width), nn.Linear(width, dim)
+        self.fc1 = nn.Linear(width, width)
+        self.fc2 = nn.Linear(width, dim)
 
     def forward(self, f: torch.Tensor) -> torch.Tensor:
         h = F.relu(F.linear(f, self.fc1.weight[:, :f.shape[1]], self.fc1.bias))
@@ -710,49 +682,58 @@ class NegativeQueue:
     `fill` counts the real keys pushed so far (capped at the size)."""
 
     def __init__(self, size: int, dim: int, device, seed: int):
-        g = torch.Generator().manual_seed(_mix(seed, 13))
+        g = torch.Generator().manual_seed(mix_seed(seed, 13))
         self.vectors = F.normalize(torch.randn(size, dim, generator=g), dim=1).to(device)
-        self.ptr, self.fill = 0, 0
+        self.ptr = 0
+        self.fill = 0
 
     def push(self, keys: torch.Tensor) -> None:
         size = len(self.vectors)
         keys = keys[-size:]
         idx = (self.ptr + torch.arange(len(keys), device=self.vectors.device)) % size
         self.vectors[idx] = keys.to(self.vectors.dtype)
-        self.ptr, self.fill = (self.ptr + len(keys)) % size, min(size, self.fill + len(keys))
+        self.ptr = (self.ptr + len(keys)) % size
+        self.fill = min(size, self.fill + len(keys))
 
     def state(self) -> dict:
         return {"vectors": self.vectors, "ptr": self.ptr, "fill": self.fill}
 
     def load(self, state: dict) -> None:
         self.vectors.copy_(state["vectors"])
-        self.ptr, self.fill = state["ptr"], state["fill"]
+        self.ptr = state["ptr"]
+        self.fill = state["fill"]
 
 
 def start_pinas(st: TrainState) -> None:
-    """The projector, the teacher (a copy of the student, made once per stage) and the queue.
-    Seeded apart from the global RNG, so a run resumed before this stage builds the same ones."""
+    """The projector, the mean teacher (a copy of the student, made once per stage) and the
+    queue. Seeded apart from the global RNG, so a run resumed before this stage builds the
+    same ones."""
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(_mix(st.seed, 11))
-        projector = Projector(st.net.fc.in_features).to(st.net.fc.weight.device)
+        torch.manual_seed(mix_seed(st.seed, 11))
+        projector = Projector(st.net.fc.in_features).to(st.device())
     st.projector = projector
-    st.mean_teacher = nn.ModuleDict({"net": deepcopy(st.net), "projector": deepcopy(projector)}).requires_grad_(False)
-    st.queue = NegativeQueue(st.preset.queue_size, PINAS_DIM, st.net.fc.weight.device, st.seed)
+    teacher = nn.ModuleDict({"net": deepcopy(st.net), "projector": deepcopy(projector)})
+    st.mean_teacher = teacher.requires_grad_(False)
+    st.queue = NegativeQueue(st.preset.queue_size, PINAS_DIM, st.device(), st.seed)
 
 
-def sample_path_pair(rng: random.Random, depth_ranges=FULL_DEPTHS, width_codes=sn.WIDTH_CODES):
-    """Two archs that differ in every choice the space leaves open: each stage's depth and output
-    width, and the conv1 width of every block both have (Π-NAS's cross-path pairs)."""
-    a = sn.sample_arch(rng, depth_ranges, width_codes)
+def sample_path_pair(rng: random.Random, depth_ranges=FULL_DEPTHS,
+                     width_codes=supernet.WIDTH_CODES):
+    """Two archs that differ in every choice the space leaves open: each stage's depth and
+    output width, and the conv1 width of every block both have (Π-NAS's cross-path pairs)."""
+    a = supernet.sample_arch(rng, depth_ranges, width_codes)
 
     def other(value, options):
         rest = [o for o in options if o != value]
         return rng.choice(rest) if rest else value
+
     depths = tuple(other(d, range(lo, hi + 1)) for d, (lo, hi) in zip(a.depths, depth_ranges))
     outs = tuple(other(o, width_codes[s]) for s, o in enumerate(a.outs))
-    mids = tuple(tuple(other(a.mids[s][i], width_codes[s]) if i < a.depths[s] else rng.choice(width_codes[s])
-                       for i in range(depths[s])) for s in range(4))
-    return a, sn.Arch(depths, outs, mids)
+    mids = []
+    for s in range(4):
+        mids.append(tuple(other(a.mids[s][i], width_codes[s]) if i < a.depths[s]
+                          else rng.choice(width_codes[s]) for i in range(depths[s])))
+    return a, supernet.Arch(depths, outs, tuple(mids))
 
 
 def contrastive_views(x: torch.Tensor, n: int, g: torch.Generator) -> list[torch.Tensor]:
@@ -760,18 +741,25 @@ def contrastive_views(x: torch.Tensor, n: int, g: torch.Generator) -> list[torch
     resized crop (area 0.2-1, aspect 3/4-4/3), flip, brightness and contrast jitter, and for
     colour images grayscale with p = 0.2 (MoCo v2's recipe without blur, for small images)."""
     m = n * len(x)
-    area, aspect = torch.empty(m).uniform_(0.2, 1, generator=g), torch.empty(m).uniform_(-0.288, 0.288, generator=g).exp()
-    w, h = (area * aspect).sqrt().clamp(max=1), (area / aspect).sqrt().clamp(max=1)
-    cx, cy = (torch.rand(m, generator=g) * 2 - 1) * (1 - w), (torch.rand(m, generator=g) * 2 - 1) * (1 - h)
+    area = torch.empty(m).uniform_(0.2, 1, generator=g)
+    aspect = torch.empty(m).uniform_(-math.log(4 / 3), math.log(4 / 3), generator=g).exp()
+    w = (area * aspect).sqrt().clamp(max=1)
+    h = (area / aspect).sqrt().clamp(max=1)
+    cx = (torch.rand(m, generator=g) * 2 - 1) * (1 - w)
+    cy = (torch.rand(m, generator=g) * 2 - 1) * (1 - h)
     flip = torch.where(torch.rand(m, generator=g) < 0.5, -1.0, 1.0)
     zero = torch.zeros(m)
-    contrast, shift = torch.empty(m).uniform_(0.6, 1.4, generator=g), torch.empty(m).uniform_(-0.4, 0.4, generator=g)
+    contrast = torch.empty(m).uniform_(0.6, 1.4, generator=g)
+    shift = torch.empty(m).uniform_(-0.4, 0.4, generator=g)
     gray = (torch.rand(m, generator=g) < 0.2).float()
-    # every random number drawn on the host, then one copy to the device
-    params = torch.stack([w * flip, zero, cx, zero, h, cy, contrast, shift, gray], 1).to(x.device, non_blocking=True)
-    theta, (contrast, shift, gray) = params[:, :6].view(m, 2, 3), params[:, 6:, None, None, None].unbind(1)
+    # every random number is drawn on the host, then copied to the device once
+    params = torch.stack([w * flip, zero, cx, zero, h, cy, contrast, shift, gray], 1)
+    params = params.to(x.device, non_blocking=True)
+    theta = params[:, :6].view(m, 2, 3)
+    contrast, shift, gray = params[:, 6:, None, None, None].unbind(1)
     xs = x.float().repeat(n, 1, 1, 1)
-    out = F.grid_sample(xs, F.affine_grid(theta, list(xs.shape), align_corners=False), align_corners=False)
+    grid = F.affine_grid(theta, list(xs.shape), align_corners=False)
+    out = F.grid_sample(xs, grid, align_corners=False)
     if x.shape[1] == 3:
         out = torch.lerp(out, out.mean(1, keepdim=True).expand_as(out), gray)
     out = out * contrast + shift
@@ -780,11 +768,12 @@ def contrastive_views(x: torch.Tensor, n: int, g: torch.Generator) -> list[torch
     return list(out.chunk(n))
 
 
-def teacher_embed(st: TrainState, x: torch.Tensor, arch: sn.Arch, perm: torch.Tensor) -> torch.Tensor:
-    """The teacher's keys for `x` through `arch`, with shuffle-BN done on one device: the batch
-    is permuted and split in two halves whose BN statistics are computed apart, so no key is
-    normalized with the same batch statistics as its query (the student sees the whole batch in
-    order). On several GPUs MoCo gets this by shuffling the keys across devices."""
+def teacher_embed(st: TrainState, x: torch.Tensor, arch: supernet.Arch,
+                  perm: torch.Tensor) -> torch.Tensor:
+    """The mean teacher's keys for `x` through `arch`, with shuffle-BN done on one device: the
+    batch is permuted and split in two halves whose BN statistics are computed apart, so no
+    key is normalized with the same batch statistics as its query (the student sees the whole
+    batch in order). On several GPUs MoCo gets this by shuffling the keys across devices."""
     net, projector = st.mean_teacher["net"], st.mean_teacher["projector"]
     f = torch.cat([net.features(half, arch) for half in x[perm].chunk(2)])
     return projector(f)[perm.argsort()]
@@ -797,7 +786,7 @@ def info_nce(q: torch.Tensor, k: torch.Tensor, negatives: torch.Tensor) -> torch
 
 
 def pinas_step(st: TrainState, phase: Phase, x: torch.Tensor):
-    """Π-NAS (Pi-NAS Sec. 3; SPEC §4 item 5): cross-path learning with a nontrivial mean teacher.
+    """Π-NAS (Pi-NAS Sec. 3): cross-path learning with a nontrivial mean teacher.
 
     Four views q0, k0, q1, k1; two paths A and B that differ in every choice. The student runs A
     on q0 and B on q1, the teacher A on k0 and B on k1; the positive of student A is teacher B
@@ -806,31 +795,31 @@ def pinas_step(st: TrainState, phase: Phase, x: torch.Tensor):
     the two InfoNCE terms. The queue then receives the normalized mean of the two teacher keys.
     Labels are never read: this function is not given them.
     """
-    g = torch.Generator().manual_seed(_mix(st.seed, st.phase_index, st.step, 5))
+    g = torch.Generator().manual_seed(mix_seed(st.seed, st.phase_index, st.step, 5))
     q0, k0, q1, k1 = contrastive_views(x, 4, g)
     a, b = sample_path_pair(st.rng, phase.depths, phase.widths)
     perm = torch.randperm(len(x), generator=g).to(x.device)
+    negatives = st.queue.vectors
     with autocast(x.device):
         with torch.no_grad():
-            ka, kb = teacher_embed(st, k0, a, perm), teacher_embed(st, k1, b, perm)
-        qa, qb = st.projector(st.net.features(q0, a)), st.projector(st.net.features(q1, b))
-        loss = 0.5 * (info_nce(qa, kb, st.queue.vectors) + info_nce(qb, ka, st.queue.vectors))
+            ka = teacher_embed(st, k0, a, perm)
+            kb = teacher_embed(st, k1, b, perm)
+        qa = st.projector(st.net.features(q0, a))
+        qb = st.projector(st.net.features(q1, b))
+        loss = 0.5 * (info_nce(qa, kb, negatives) + info_nce(qb, ka, negatives))
     loss.backward()  # before the push: the loss's graph holds the queue as it was
     st.queue.push(F.normalize(ka + kb, dim=1))
     return [a, b], [loss.detach()]
 
 
-def used_slices(net: sn.Supernet, arch: sn.Arch) -> list[tuple[str, int, int]]:
+def used_slices(net: supernet.Supernet, arch: supernet.Arch) -> list[tuple[str, int, int]]:
     """(module name, out channels, in channels) of every sliced conv+BN that `arch` runs."""
-    stem, plan = sn.arch_channels(arch, net.shape)
-    used, i = [("stem", stem, net.shape.in_channels)], 0
-    for s in range(4):
-        for b in range(arch.depths[s]):
-            cin, mid, cout, _ = plan[i]
-            used += [(f"stages.{s}.{b}.conv1", mid, cin), (f"stages.{s}.{b}.conv2", cout, mid)]
-            if net.stages[s][b].shortcut is not None:
-                used.append((f"stages.{s}.{b}.shortcut", cout, cin))
-            i += 1
+    used = [("stem", supernet.stem_channels(arch, net.shape), net.shape.in_channels)]
+    for b in supernet.blocks_of(arch, net.shape):
+        name = f"stages.{b.stage}.{b.index}"
+        used += [(f"{name}.conv1", b.mid, b.cin), (f"{name}.conv2", b.cout, b.mid)]
+        if net.stages[b.stage][b.index].shortcut is not None:
+            used.append((f"{name}.shortcut", b.cout, b.cin))
     return used
 
 
@@ -840,11 +829,13 @@ def update_mean_teacher(st: TrainState, archs, momentum: float = PINAS_MOMENTUM)
     and on the projector's; every other teacher weight keeps its value. A path's update says
     nothing about weights it did not use, so averaging those in would only drag the teacher
     toward weights that other paths last left there."""
-    student, teacher = dict(st.net.named_modules()), dict(st.mean_teacher["net"].named_modules())
+    student = dict(st.net.named_modules())
+    teacher = dict(st.mean_teacher["net"].named_modules())
     masks = {}
     for arch in archs:
         for name, cout, cin in used_slices(st.net, arch):
-            mask = masks.setdefault(name, student[name].weight.new_zeros(student[name].weight.shape[:2]))
+            shape = student[name].weight.shape[:2]
+            mask = masks.setdefault(name, student[name].weight.new_zeros(shape))
             mask[:cout, :cin] = 1 - momentum
     for name, w in masks.items():
         s, t = student[name], teacher[name]
@@ -852,10 +843,11 @@ def update_mean_teacher(st: TrainState, archs, momentum: float = PINAS_MOMENTUM)
         rows = w.amax(1)
         t.bn.weight.lerp_(s.bn.weight, rows)
         t.bn.bias.lerp_(s.bn.bias, rows)
-    width = max(sn.arch_channels(a, st.net.shape)[1][-1][2] for a in archs)
+    width = max(supernet.feature_width(a, st.net.shape) for a in archs)
     sp, tp = st.projector, st.mean_teacher["projector"]
     tp.fc1.weight[:, :width].lerp_(sp.fc1.weight[:, :width], 1 - momentum)
-    for t, s in [(tp.fc1.bias, sp.fc1.bias), (tp.fc2.weight, sp.fc2.weight), (tp.fc2.bias, sp.fc2.bias)]:
+    for t, s in [(tp.fc1.bias, sp.fc1.bias), (tp.fc2.weight, sp.fc2.weight),
+                 (tp.fc2.bias, sp.fc2.bias)]:
         t.lerp_(s, 1 - momentum)
 
 
@@ -867,14 +859,95 @@ def linear_head_step(st: TrainState, phase: Phase, x, y):
     with autocast(x.device):
         with torch.no_grad():
             f = st.net.features(x, arch)
-        loss = F.cross_entropy(F.linear(f, st.net.fc.weight[:, :f.shape[1]], st.net.fc.bias), y)
+        logits = F.linear(f, st.net.fc.weight[:, :f.shape[1]], st.net.fc.bias)
+        loss = F.cross_entropy(logits, y)
     loss.backward()
     return [arch], [loss.detach()]
 
 
+# ---------------------------------------------------------------- one step of any stage
+
+STEPS = {"warmup": warmup_step, "spos": sampled_step, "ps_depth": sampled_step,
+         "ps_width": sampled_step, "aps_depth": sampled_step, "aps_width": sampled_step,
+         "cpt": cpt_step, "linear_head": linear_head_step}
+
+
+def train_step(st: TrainState, phase: Phase, data, key: int, distiller):
+    """One optimizer step's forward/backward work: (archs run, their losses)."""
+    x, y = data.train_batch(key, st.step, st.preset.batch_size)
+    if phase.stage == "pinas":
+        return pinas_step(st, phase, x)  # the labels stop here: Π-NAS never sees them
+    if phase.stage in SSE_STAGES:
+        return sse_step(st, phase, x, y, distiller)
+    return STEPS[phase.stage](st, phase, x, y)
+
+
+# ---------------------------------------------------------------- stage set-up and tear-down
+#
+# What a phase needs before its first step and what it leaves behind after its last, in one
+# place, so that `run_phase` is the loop and nothing else.
+
+def begin_phase(st: TrainState, phase: Phase, log) -> nn.Module | None:
+    """Set a phase up (again, when a run resumes inside it); SSE's distillation teacher, if any."""
+    distiller = None
+    if phase.stage in SSE_STAGES:
+        if st.sse_stage != phase.stage:
+            split_for_sse(st, phase.stage)
+        swap_sub(st, phase.sub)
+        if st.step == 0:  # each sub-supernet's pool starts from the CPT members in its region
+            members = [supernet.decode(c) for c in st.cpt_members]
+            st.pool.members = [m for m in members if sse_owner(m, phase.stage) == phase.sub]
+        distiller = distillation_teacher(st)
+        if st.kd and distiller is None:
+            log("warning", message=f"{phase.name}: distillation asked for, but no warm-up ran "
+                                   "before it to be the teacher; training without KD")
+    if phase.stage == "pinas" and st.queue is None:
+        start_pinas(st)
+    if st.optimizer is None:
+        st.optimizer = make_optimizer(trainable(st, phase), phase.lr)
+    return distiller
+
+
+def end_phase(st: TrainState, phase: Phase, last: bool) -> None:
+    """What a phase leaves for the next: the warm-up's net as SSE's teacher, the shared copy in
+    the supernet after SSE, no Π-NAS teacher or queue after Π-NAS, no optimizer."""
+    if phase.stage == "warmup":
+        full = supernet.extract_subnet(st.net, supernet.MAX_ARCH)
+        st.kd_teacher = {k: v.clone() for k, v in full.state_dict().items()}
+    if last and phase.stage == "pinas":
+        st.projector = None
+        st.mean_teacher = None
+        st.queue = None
+    if last and phase.stage in SSE_STAGES:
+        swap_sub(st, len(sse_groups(phase.stage)[0]))
+    st.optimizer = None
+
+
+def after_step(st: TrainState, phase: Phase, archs) -> None:
+    """Work that follows the optimizer step: Π-NAS's teacher follows the student."""
+    if phase.stage == "pinas":
+        update_mean_teacher(st, archs)
+
+
+def progress_extras(st: TrainState, phase: Phase) -> dict:
+    """Stage-specific fields of a progress event."""
+    if phase.stage == "pinas":
+        return {"queue_fill": st.queue.fill / len(st.queue.vectors), "ema_momentum": PINAS_MOMENTUM}
+    return {}
+
+
+def uses_pool(phase: Phase) -> bool:
+    return phase.stage == "cpt" or phase.stage in SSE_STAGES
+
+
+def probes_allowed(phase: Phase) -> bool:
+    """Π-NAS has no trained classifier: a rank probe there would measure noise."""
+    return phase.stage != "pinas"
+
+
 # ---------------------------------------------------------------- the loop
 
-def train(st: TrainState, data, run_dir: Path | None, log: EventLog, probe=None) -> TrainState:
+def train(st: TrainState, data, run_dir: Path | None, log, probe=None) -> TrainState:
     """Run every phase of `st.stages` from the state's position; checkpoint as it goes.
 
     `probe(st)` (optional) returns rank metrics of a probe set, logged as `rank` events every
@@ -882,32 +955,31 @@ def train(st: TrainState, data, run_dir: Path | None, log: EventLog, probe=None)
     a checkpoint and raises Stopped; a second Ctrl-C interrupts at once.
     """
     phases = st.phases()
-    ckpt = run_dir / "checkpoints" / "last.pt" if run_dir else None
+    ckpt = last_checkpoint(run_dir) if run_dir else None
     previous = signal.getsignal(signal.SIGINT)
 
     def on_sigint(signum, frame):
         if st.stop_requested:
             raise KeyboardInterrupt
         st.stop_requested = True
+
     signal.signal(signal.SIGINT, on_sigint)
     stage_started = time.perf_counter()  # a resumed stage counts from the resume
     try:
         while st.phase_index < len(phases):
             phase = phases[st.phase_index]
-            first = st.phase_index == 0 or phases[st.phase_index - 1].stage != phase.stage
-            last = st.phase_index + 1 == len(phases) or phases[st.phase_index + 1].stage != phase.stage
+            before = phases[st.phase_index - 1] if st.phase_index > 0 else None
+            after = phases[st.phase_index + 1] if st.phase_index + 1 < len(phases) else None
+            first = before is None or before.stage != phase.stage
+            last = after is None or after.stage != phase.stage
             if first:
                 stage_started = time.perf_counter()
                 if st.step == 0:
                     log("stage_start", stage=phase.stage)
-            run_phase(st, phase, data, log, ckpt, probe)
-            if phase.stage == "warmup":
-                st.teacher = {k: v.clone() for k, v in sn.extract_subnet(st.net, sn.MAX_ARCH).state_dict().items()}
-            if last and phase.stage == "pinas":  # nothing after Π-NAS needs them
-                st.projector = st.mean_teacher = st.queue = None
-            if last and phase.sub is not None:
-                swap_sub(st, len(sse_groups(phase.stage)[0]))  # the net holds the shared copy between stages
-            st.phase_index, st.step, st.optimizer = st.phase_index + 1, 0, None
+            run_phase(st, phase, data, log, ckpt, probe if probes_allowed(phase) else None)
+            end_phase(st, phase, last)
+            st.phase_index += 1
+            st.step = 0
             if ckpt:
                 save_checkpoint(st, ckpt)
                 if last:
@@ -920,62 +992,35 @@ def train(st: TrainState, data, run_dir: Path | None, log: EventLog, probe=None)
     return st
 
 
-def phase_step(st: TrainState, phase: Phase, data, key: int, teacher):
-    """One optimizer step's forward/backward work: (archs run, their losses)."""
-    x, y = data.train_batch(key, st.step, st.preset.batch_size)
-    if phase.sub is not None:
-        return sse_step(st, phase, x, y, teacher)
-    if phase.stage == "pinas":
-        return pinas_step(st, phase, x)
-    step_fn = {"warmup": warmup_step, "cpt": cpt_step, "linear_head": linear_head_step}.get(phase.stage, sampled_step)
-    return step_fn(st, phase, x, y)
-
-
-def run_phase(st: TrainState, phase: Phase, data, log: EventLog, ckpt: Path | None, probe) -> None:
+def run_phase(st: TrainState, phase: Phase, data, log, ckpt: Path | None, probe) -> None:
+    """The loop of one phase: lr, step, log, checkpoint, probe, and Ctrl-C."""
     preset = st.preset
-    steps = phase_steps(phase, preset, data.train_size)
-    if phase.stage == "pinas":
-        probe = None  # the classifier is not trained yet: a probe would measure noise
-    base_lr = phase.lr
-    if phase.sub is not None:
-        if not st.subnets:
-            start_sse(st, phase.stage)
-        swap_sub(st, phase.sub)
-        if st.step == 0:  # each sub-supernet's pool starts from the CPT members inside its region
-            st.pool.members = [m for m in map(sn.decode, st.cpt_pool) if sse_owner(m, phase.stage) == phase.sub]
-    if phase.stage == "pinas" and st.queue is None:
-        start_pinas(st)
-    log("phase_start", stage=phase.stage, phase=phase.name, index=st.phase_index + 1, of=len(st.phases()),
-        steps=steps, lr=base_lr, k=phase.k, space=phase.space(), sub=phase.sub, resumed_at=st.step)
-    if st.optimizer is None:
-        st.optimizer = make_optimizer(trainable(st, phase), base_lr)
-    teacher = _teacher_net(st) if phase.sub is not None else None
-    if phase.sub is not None and st.kd and teacher is None:
-        log("warning", message=f"{phase.name}: distillation asked for, but no warm-up ran before it to be the "
-                               "teacher; training without KD")
-    key = _mix(st.seed, st.phase_index)
+    steps = phase_length(phase, preset, data.train_size)
+    log("phase_start", stage=phase.stage, phase=phase.name, index=st.phase_index + 1,
+        of=len(st.phases()), steps=steps, lr=phase.lr, k=phase.k, space=phase.space(),
+        sub=phase.sub, resumed_at=st.step)
+    distiller = begin_phase(st, phase, log)
+    key = mix_seed(st.seed, st.phase_index)
     pending, seen, loss = [], 0, None
     t0 = started = time.perf_counter()
     st.net.train()
     while st.step < steps:
         for group in st.optimizer.param_groups:
-            group["lr"] = lr_at(st.step, steps, base_lr)
+            group["lr"] = lr_at(st.step, steps, phase.lr)
         st.optimizer.zero_grad(set_to_none=True)
-        archs, losses = phase_step(st, phase, data, key, teacher)
+        archs, losses = train_step(st, phase, data, key, distiller)
         st.optimizer.step()
-        if phase.stage == "pinas":
-            update_mean_teacher(st, archs)
+        after_step(st, phase, archs)
         st.step += 1
         seen += preset.batch_size * len(archs)
         pending.append((archs, torch.stack(losses)))
         if st.step % preset.log_every == 0 or st.step == steps or st.stop_requested:
             loss = check_finite(pending, phase, st.step)
-            log("progress", stage=phase.stage, phase=phase.name, step=st.step, steps=steps, loss=loss,
-                lr=st.optimizer.param_groups[0]["lr"], ips=seen / max(time.perf_counter() - t0, 1e-9),
-                epoch=st.step * preset.batch_size / data.train_size,
-                **({"queue_fill": st.queue.fill / len(st.queue.vectors), "ema_momentum": PINAS_MOMENTUM}
-                   if phase.stage == "pinas" else {}))
-            if phase.stage in ("cpt", "sse4", "sse34"):
+            ips = seen / max(time.perf_counter() - t0, 1e-9)
+            log("progress", stage=phase.stage, phase=phase.name, step=st.step, steps=steps,
+                loss=loss, lr=st.optimizer.param_groups[0]["lr"], ips=ips,
+                epoch=st.step * preset.batch_size / data.train_size, **progress_extras(st, phase))
+            if uses_pool(phase):
                 log("pool", stage=phase.stage, step=st.step, **st.pool.stats())
             pending, seen, t0 = [], 0, time.perf_counter()
         if st.stop_requested:
@@ -983,17 +1028,23 @@ def run_phase(st: TrainState, phase: Phase, data, log: EventLog, ckpt: Path | No
                 save_checkpoint(st, ckpt)
                 log("checkpoint", path=str(ckpt), stage=phase.stage, phase=phase.name, step=st.step)
             raise Stopped(f"stopped in {phase.name} at step {st.step}/{steps}")
-        if ckpt and preset.checkpoint_every and st.step % preset.checkpoint_every == 0 and st.step < steps:
+        if ckpt and _every(st.step, preset.checkpoint_every, steps):
             save_checkpoint(st, ckpt)
             log("checkpoint", path=str(ckpt), stage=phase.stage, phase=phase.name, step=st.step)
-        if probe and preset.probe_every and st.step % preset.probe_every == 0 and st.step < steps:
+        if probe and _every(st.step, preset.probe_every, steps):
             log_probe(st, phase, probe, log)
-    log("phase_end", stage=phase.stage, phase=phase.name, loss=loss, seconds=time.perf_counter() - started)
+    log("phase_end", stage=phase.stage, phase=phase.name, loss=loss,
+        seconds=time.perf_counter() - started)
     if probe:
         log_probe(st, phase, probe, log)
 
 
-def log_probe(st: TrainState, phase: Phase, probe, log: EventLog) -> None:
+def _every(step: int, interval: int, steps: int) -> bool:
+    """Whether an interval's work falls after this step (not after the last: phase end does it)."""
+    return bool(interval) and step % interval == 0 and step < steps
+
+
+def log_probe(st: TrainState, phase: Phase, probe, log) -> None:
     metrics = probe(st)
     st.net.train()
     if metrics:
@@ -1011,7 +1062,7 @@ def check_finite(pending, phase: Phase, step: int) -> float:
             bad = (~torch.isfinite(l.float())).nonzero()
             if len(bad):
                 at = step - len(pending) + i + 1
-                raise TrainingError(f"non-finite loss in stage {phase.stage} ({phase.name}, step {at}) "
-                                    f"for arch {sn.encode(archs[int(bad[0])])}")
+                arch = supernet.encode(archs[int(bad[0])])
+                raise TrainingError(f"non-finite loss in stage {phase.stage} "
+                                    f"({phase.name}, step {at}) for arch {arch}")
     return losses.mean().item()
-

@@ -1,7 +1,7 @@
 """Live view of a training run: follows `runs/<name>/events.jsonl` and shows it in Textual.
 
-The event log is the only thing this module knows about the program (SPEC section 7): it
-imports nothing of ours, so it can attach to a run written by another process, or to one that
+The event log is the only thing this module knows about the program: it imports nothing of
+ours, so it can attach to a run written by another process, or to one that
 has finished. The log may still be being written, may hold events this version does not know,
 and old events may lack fields, so every field is read with `.get` and formatted defensively.
 
@@ -160,7 +160,8 @@ class RunState:
         self.phase_name = e.get("phase", self.phase_name)
         self.progress, self.activity = e, {}
 
-    def _after_training(self, e: dict) -> None:
+    def _activity(self, e: dict) -> None:
+        """Ground truth and evaluation: shown in the phase panel instead of training progress."""
         self.stage, self.phase_name, self.activity = e.get("event"), "", e
 
     def _pool(self, e: dict) -> None:
@@ -175,7 +176,9 @@ class RunState:
 
     def _noise_ceiling(self, e: dict) -> None:
         self.ceiling = e
-        self._say(e, f"noise ceiling: kendall {_num(e.get('kendall'), '.3f')} (n {e.get('n')})")
+        seeds = e.get("seed_vs_seed") if isinstance(e.get("seed_vs_seed"), dict) else {}
+        self._say(e, f"noise ceiling: kendall {_num(e.get('kendall'), '.3f')}; seed vs seed "
+                     f"{_num(seeds.get('kendall'), '.3f')} (n {e.get('n')})")
 
     def _checkpoint(self, e: dict) -> None:
         self._say(e, f"checkpoint {e.get('phase') or e.get('stage')} step {e.get('step')}: {e.get('path')}")
@@ -196,7 +199,7 @@ class RunState:
 
     HANDLERS = {
         "run_start": _run_start, "stage_start": _stage_start, "phase_start": _phase_start,
-        "progress": _progress, "groundtruth": _after_training, "evaluate": _after_training,
+        "progress": _progress, "groundtruth": _activity, "evaluate": _activity,
         "pool": _pool, "rank": _rank, "noise_ceiling": _noise_ceiling,
         "checkpoint": _checkpoint, "warning": _warning, "phase_end": _phase_end,
         "stage_end": _stage_end, "end": _end,
@@ -376,12 +379,13 @@ class NasApp(App):
         self.query_one("#status", Static).update(self._status_text())
 
 
-def run_tui(run_dir: Path, process: subprocess.Popen | None = None) -> int:
-    """Show the run in `run_dir` until the user quits; with `process`, own that training run."""
+def run_tui(run_dir: Path, process: subprocess.Popen | None = None) -> None:
+    """Show the run in `run_dir` until the user quits; with `process`, own that training run.
+    On leaving a run that goes on, say so and how to watch it again."""
     app = NasApp(run_dir, process)
     app.run()
-    if process is not None and process.poll() is None:  # left with ctrl+q while it trains
-        print(f"training continues in the background (pid {process.pid})")
-    elif process is None and app.state.end is None:
-        print("training continues in the background")
-    return 0
+    owned_running = process is not None and process.poll() is None  # left with ctrl+q
+    if owned_running or (process is None and app.state.end is None):
+        pid = f" (pid {process.pid})" if owned_running else ""
+        print(f"training continues in the background{pid}; watch it with "
+              f"`python nas.py tui --name {Path(run_dir).name}`")

@@ -25,12 +25,12 @@ from pathlib import Path
 import torch
 import typer
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-import evaluate as ev  # noqa: E402
-import nas  # noqa: E402
-import supernet as sn  # noqa: E402
-import train_stages as ts  # noqa: E402
-from speed import device_name  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+import evaluate  # noqa: E402
+import supernet  # noqa: E402
+import train_stages  # noqa: E402
+from data import DataError, load_data  # noqa: E402
 
 APS = ("warmup", "aps_depth", "aps_width")
 # name: (stages, APS version, KD, the variant it goes on from)
@@ -53,25 +53,26 @@ PAPER_PEARSON = {"PS": 0.79884, "APS_v2": 0.80141, "APS_v3": 0.80263, "APS_v3+CP
                  "+SSE34": 0.83768, "+SSE34+Dis": 0.84652}
 
 
-def train_variant(name: str, preset: ts.Preset, data, device: str, folder: Path, log, seed: int) -> tuple:
+def train_variant(name: str, preset: train_stages.Preset, data, device: str, folder: Path, log, seed: int) -> tuple:
     """The variant's trained state and its whole training time; what is done is never redone:
     a finished variant is loaded, an interrupted one resumed from its last checkpoint."""
     stages, aps, kd, parent = {**BASES, **VARIANTS}[name]
-    st = ts.new_state(preset, stages, seed, device, aps, kd)
-    final, run_dir = folder / "checkpoints" / f"{name}.pt", folder / name
+    st = train_stages.new_state(preset, stages, seed, device, aps, kd)
+    final = folder / "checkpoints" / f"{name}.pt"
+    run_dir = folder / name
     if final.exists():
-        ts.load_checkpoint(st, final)
+        train_stages.load_checkpoint(st, final)
         return st, json.loads(final.with_suffix(".json").read_text())["seconds"]
     seconds = train_variant(parent, preset, data, device, folder, log, seed)[1] if parent else 0.0
-    if (run_dir / "checkpoints" / "last.pt").exists():
-        ts.load_checkpoint(st, run_dir / "checkpoints" / "last.pt")
+    if train_stages.last_checkpoint(run_dir).exists():
+        train_stages.load_checkpoint(st, train_stages.last_checkpoint(run_dir))
     elif parent:
-        ts.load_checkpoint(st, folder / "checkpoints" / f"{parent}.pt", extend=True)
+        train_stages.load_checkpoint(st, folder / "checkpoints" / f"{parent}.pt", extend=True)
     t = time.perf_counter()
-    ts.train(st, data, run_dir, log)
+    train_stages.train(st, data, run_dir, log)
     seconds += time.perf_counter() - t
-    ts.save_checkpoint(st, final)
-    ev.write_json_atomic(final.with_suffix(".json"), {"seconds": seconds})
+    train_stages.save_checkpoint(st, final)
+    evaluate.write_json_atomic(final.with_suffix(".json"), {"seconds": seconds})
     return st, seconds
 
 
@@ -84,8 +85,9 @@ def targets(rows: list[dict], ceiling: dict | None) -> dict:
     out["beats FLOPs"] = full > tau["FLOPs"]
     if "SPOS" in tau:
         out["SPOS + 0.1 or more"] = full >= tau["SPOS"] + 0.1
-    if ceiling and ceiling["kendall"] > 0:  # a ceiling at or below 0 says the ground truth is noise
-        out["80% of the noise ceiling or more"] = full >= 0.8 * ceiling["kendall"]
+    top = ceiling["ceiling"]["kendall"] if ceiling else 0.0
+    if top > 0:  # a ceiling of 0 says the ground truth is noise
+        out["80% of the noise ceiling or more"] = full >= 0.8 * top
     return out
 
 
@@ -93,54 +95,76 @@ def table(rows: list[dict], ceiling: dict | None) -> str:
     lines = ["| variant | pearson | kendall | spearman | n | training s | paper pearson |", "|---|---|---|---|---|---|---|"]
     for r in rows:
         m = r["metrics"]
-        cells = [ev.format_metric(m, k) for k in ev.METRICS]
+        cells = [evaluate.format_metric(m, k) for k in evaluate.METRICS]
         seconds = f"{r['seconds']:.0f}" if r["seconds"] is not None else "none"
         paper = f"{PAPER_PEARSON[r['variant']]:.5f}" if r["variant"] in PAPER_PEARSON else ""
         lines.append(f"| {r['variant']} | {' | '.join(cells)} | {m['n']} | {seconds} | {paper} |")
     if ceiling:
-        lines.append(f"| noise ceiling (seed vs seed) | {' | '.join(ev.format_metric(ceiling, k) for k in ev.METRICS)} "
-                     f"| {ceiling['n']} | | |")
+        for label, m in (("seed 0 vs seed 1 (R)", ceiling["seed_vs_seed"]),
+                         ("ceiling against the 2-seed mean", ceiling["ceiling"])):
+            cells = " | ".join(evaluate.format_metric(m, k) for k in evaluate.METRICS)
+            lines.append(f"| {label} | {cells} | {m['n']} | | |")
     return "\n".join(lines)
 
 
-def main(preset: str = typer.Option("cifar", help="tiny, cifar, fashion or paper"),
+def echo(log: train_stages.EventLog):
+    """The event log, with a line on the terminal for each phase end, rank probe and warning."""
+    def log_and_echo(event: str, **f):
+        record = log(event, **f)
+        if event == "phase_end":
+            typer.echo(f"  {f['phase']:<20} loss {f['loss'] or float('nan'):.4f}  {f['seconds']:.1f} s")
+        elif event == "warning":
+            typer.echo(f"  warning: {f['message']}", err=True)
+        elif event == "groundtruth":
+            typer.echo(f"  ground truth {f['done']}/{f['total']}: {f['acc']:.4f} (seed {f['seed']})")
+        return record
+    return log_and_echo
+
+
+def main(preset: str = typer.Option("cifar", help=", ".join(train_stages.PRESETS)),
          variants: str = typer.Option(",".join(VARIANTS), help="comma-separated variants to run"),
          gt_n: int = typer.Option(None, help="ground-truth archs (default: the preset's)"),
          seed: int = 0, device: str = "auto", data_dir: Path = typer.Option(None),
-         out: Path = Path("bench/results")):
-    p = nas.get_preset(preset)
+         runs: Path = typer.Option(ROOT / "runs", help="where the ablation's run folder goes"),
+         out: Path = typer.Option(ROOT / "bench" / "results", help="where the table goes")):
+    if preset not in train_stages.PRESETS:
+        raise typer.BadParameter(f"unknown preset {preset!r}; presets are {', '.join(train_stages.PRESETS)}")
+    p = train_stages.PRESETS[preset]
     chosen = [v.strip() for v in variants.split(",") if v.strip()]
     unknown = [v for v in chosen if v not in VARIANTS]
     if unknown:
-        nas.die(f"unknown variant {unknown[0]!r}; variants are {', '.join(VARIANTS)}")
-    device = nas.pick_device(device)
-    data = nas.load_data(p, device, data_dir)
-    folder = nas.RUNS / f"ablation-{p.name}"
+        raise typer.BadParameter(f"unknown variant {unknown[0]!r}; variants are {', '.join(VARIANTS)}")
+    try:
+        device = train_stages.pick_device(device)
+        train_stages.set_threads(p)
+        data = load_data(p, device, data_dir)
+    except (ValueError, DataError) as e:
+        raise typer.BadParameter(str(e))
+    folder = runs / f"ablation-{p.name}"
     (folder / "checkpoints").mkdir(parents=True, exist_ok=True)
-    log = nas.Console(ts.EventLog(folder / "events.jsonl"), quiet=False)
+    log = echo(train_stages.EventLog(folder / "events.jsonl"))
     n = gt_n or p.gt_n
-    truth, ceiling = nas.ground_truth_step(folder, p, data, log, n, min(p.gt_twice, n), seed)
-    archs, y = [sn.decode(c) for c in truth], list(truth.values())
-    floors = nas.size_floors(truth, p)
+    truth, ceiling = evaluate.build_ground_truth(folder, p, data, log, n, p.gt_seeds, seed)
+    archs, y = [supernet.decode(c) for c in truth], list(truth.values())
+    floors = evaluate.size_floors(truth, p)
     rows = [{"variant": "FLOPs", "metrics": floors["flops"], "seconds": None},
             {"variant": "params", "metrics": floors["params"], "seconds": None}]
     for name in chosen:
-        try:
-            st, seconds = train_variant(name, p, data, device, folder, log, seed)
-        except (ts.TrainingError, ts.Stopped) as e:
-            nas.die(f"{name}: {e}", 1)
-        accs = nas.evaluate_step(st, p, data, archs, log)
-        rows.append({"variant": name, "metrics": ev.rank_metrics([accs[c] for c in truth], y), "seconds": seconds,
-                     "stages": list(st.stages), "aps": st.aps, "kd": st.kd, "accs": accs})
-        typer.echo(f"{name:30} kendall {ev.format_metric(rows[-1]['metrics'], 'kendall')}  {seconds:.0f} s")
-    machine = device_name(torch.device(device))
+        st, seconds = train_variant(name, p, data, device, folder, log, seed)
+        accs = evaluate.evaluate_run(st, data, archs, log)
+        rows.append({"variant": name, "metrics": evaluate.rank_metrics([accs[c] for c in truth], y),
+                     "seconds": seconds, "stages": list(st.stages), "aps": st.aps, "kd": st.kd,
+                     "accs": accs})
+        typer.echo(f"{name:30} kendall {evaluate.format_metric(rows[-1]['metrics'], 'kendall')}  {seconds:.0f} s")
+    machine = evaluate.machine_name(device)
     md = table(rows, ceiling)
     verdicts = targets(rows, ceiling)
-    md += "".join(f"\n\nTarget, Kendall tau of +SSE34+Dis: {k}: {'met' if v else 'NOT met'}" for k, v in verdicts.items())
+    md += "".join(f"\n\nTarget, Kendall tau of +SSE34+Dis: {k}: {'met' if v else 'NOT met'}"
+                  for k, v in verdicts.items())
     typer.echo("\n" + md)
     out.mkdir(parents=True, exist_ok=True)
     stem = out / f"ablation-{p.dataset}-{device}"
-    ev.write_json_atomic(stem.with_suffix(".json"), {
+    evaluate.write_json_atomic(stem.with_suffix(".json"), {
         "date": date.today().isoformat(), "device": machine, "preset": p.name, "dataset": p.dataset,
         "seed": seed, "ground_truth": truth, "noise_ceiling": ceiling, "targets": verdicts, "rows": rows})
     stem.with_suffix(".md").write_text(f"Ablation, preset {p.name} ({p.dataset}), {machine}, "

@@ -2,7 +2,7 @@
 
 1. training step: K uniformly sampled archs, forward+backward of each through the supernet on one
    batch and one SGD step, versus the same archs as static nets, each with its own SGD step;
-2. evaluation: archs per minute through ev.evaluate_archs, BN recalibration included;
+2. evaluation: archs per minute through evaluate.evaluate_archs, BN recalibration included;
 3. peak GPU memory of one training step of the largest arch, supernet versus static net;
 4. with --all-preset, the wall time of `nas.py all` on that preset.
 
@@ -16,7 +16,6 @@ Prints a table, writes bench/results/speed-<cpu|cuda>.json.
 import gc
 import json
 import math
-import platform
 import statistics
 import subprocess
 import sys
@@ -30,26 +29,16 @@ import typer
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-import evaluate as ev  # noqa: E402
-import nas  # noqa: E402
-import supernet as sn  # noqa: E402
-import train_stages as ts  # noqa: E402
+import evaluate  # noqa: E402
+import supernet  # noqa: E402
+import train_stages  # noqa: E402
+from data import EVAL_BATCH, TensorData  # noqa: E402
 
 LR = 0.01  # small enough that random labels keep the losses finite; the value does not change speed
-EVAL_BATCH = 500  # nas.evaluate_step's
-
-
-def device_name(dev: torch.device) -> str:
-    if dev.type == "cuda":
-        return torch.cuda.get_device_name(dev)
-    try:  # platform.processor() is empty on most Linux machines
-        return next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.processor() or "cpu"
 
 
 def on_device(net: torch.nn.Module, dev: torch.device) -> torch.nn.Module:
-    """As training holds nets: channels_last on cuda (ts.new_state does the same for the supernet)."""
+    """As training holds nets: channels_last on cuda (train_stages.new_state does the same for the supernet)."""
     return net.to(dev, memory_format=torch.channels_last if dev.type == "cuda" else torch.contiguous_format)
 
 
@@ -61,29 +50,29 @@ def timed(sync, fn, *args) -> float:
     return time.perf_counter() - t
 
 
-def supernet_step(st: ts.TrainState, archs, x, y) -> None:
-    """What ts.run_phase does per step of SPOS/PS/APS, less the batch loading and logging."""
+def supernet_step(st: train_stages.TrainState, archs, x, y) -> None:
+    """What train_stages.run_phase does per step of SPOS/PS/APS, less the batch loading and logging."""
     st.optimizer.zero_grad(set_to_none=True)
-    ts.ce_step(st, archs, x, y)
+    train_stages.ce_step(st, archs, x, y)
     st.optimizer.step()
 
 
 def static_steps(nets, optimizers, x, y) -> None:
     for net, opt in zip(nets, optimizers):
         opt.zero_grad(set_to_none=True)
-        with ts.autocast(x.device):
+        with train_stages.autocast(x.device):
             loss = F.cross_entropy(net(x), y)
         loss.backward()
         opt.step()
 
 
-def training_step_times(st: ts.TrainState, x, y, k: int, iters: int, sets: int, sync) -> list[dict]:
+def training_step_times(st: train_stages.TrainState, x, y, k: int, iters: int, sets: int, sync) -> list[dict]:
     """Per arch set: median seconds of the supernet's K-path step and of the K static steps."""
     rows = []
     for _ in range(sets):
-        archs = [sn.sample_arch(st.rng) for _ in range(k)]
-        nets = [on_device(sn.extract_subnet(st.net, a), x.device) for a in archs]
-        opts = [ts.make_optimizer(n.parameters(), LR) for n in nets]
+        archs = [supernet.sample_arch(st.rng) for _ in range(k)]
+        nets = [on_device(supernet.extract_subnet(st.net, a), x.device) for a in archs]
+        opts = [train_stages.make_optimizer(n.parameters(), LR) for n in nets]
         supernet_step(st, archs, x, y)  # warm-up: allocator, kernel choice, momentum buffers
         static_steps(nets, opts, x, y)
         t_super, t_static = [], []
@@ -91,32 +80,32 @@ def training_step_times(st: ts.TrainState, x, y, k: int, iters: int, sets: int, 
             t_super.append(timed(sync, supernet_step, st, archs, x, y))
             t_static.append(timed(sync, static_steps, nets, opts, x, y))
         s, t = statistics.median(t_super), statistics.median(t_static)
-        rows.append({"archs": [sn.encode(a) for a in archs], "supernet_s": s, "static_s": t, "ratio": s / t})
+        rows.append({"archs": [supernet.encode(a) for a in archs], "supernet_s": s, "static_s": t, "ratio": s / t})
     return rows
 
 
-def eval_throughput(st: ts.TrainState, data: ts.TensorData, n_archs: int, calib_images: int, sync) -> dict:
+def eval_throughput(st: train_stages.TrainState, data: TensorData, n_archs: int, calib_images: int, sync) -> dict:
     bs = st.preset.calib_batch_size
     calib = data.calib_batches(math.ceil(calib_images / bs), bs, seed=0)
     evals = data.eval_batches(0, EVAL_BATCH)
-    archs = [sn.sample_arch(st.rng) for _ in range(n_archs)]
-    ev.evaluate_archs(st, archs[:1], calib, evals)  # warm-up
-    seconds = timed(sync, ev.evaluate_archs, st, archs, calib, evals)
+    archs = [supernet.sample_arch(st.rng) for _ in range(n_archs)]
+    evaluate.evaluate_archs(st, archs[:1], calib, evals)  # warm-up
+    seconds = timed(sync, evaluate.evaluate_archs, st, archs, calib, evals)
     return {"archs": n_archs, "seconds": seconds, "archs_per_min": 60 * n_archs / seconds}
 
 
-def max_arch_supernet_step(preset: ts.Preset, x, y) -> None:
-    st = ts.new_state(preset, ("spos",), 0, x.device)
-    st.optimizer = ts.make_optimizer(st.net.parameters(), LR)
-    supernet_step(st, [sn.MAX_ARCH], x, y)
+def max_arch_supernet_step(preset: train_stages.Preset, x, y) -> None:
+    st = train_stages.new_state(preset, ("spos",), 0, x.device)
+    st.optimizer = train_stages.make_optimizer(st.net.parameters(), LR)
+    supernet_step(st, [supernet.MAX_ARCH], x, y)
 
 
-def max_arch_static_step(preset: ts.Preset, x, y) -> None:
-    net = on_device(sn.StaticNet(sn.MAX_ARCH, preset.shape), x.device)
-    static_steps([net], [ts.make_optimizer(net.parameters(), LR)], x, y)
+def max_arch_static_step(preset: train_stages.Preset, x, y) -> None:
+    net = on_device(supernet.StaticNet(supernet.MAX_ARCH, preset.shape), x.device)
+    static_steps([net], [train_stages.make_optimizer(net.parameters(), LR)], x, y)
 
 
-def peak_memory_mib(step, preset: ts.Preset, x, y) -> float:
+def peak_memory_mib(step, preset: train_stages.Preset, x, y) -> float:
     """Peak of building the model and one training step, above what this bench already holds
     (its own supernet and data), so the two sides are counted from the same floor."""
     gc.collect()
@@ -129,7 +118,7 @@ def peak_memory_mib(step, preset: ts.Preset, x, y) -> float:
 
 def time_all(preset_name: str, device: str, data_dir: Path | None) -> dict:
     run = f"bench-speed-{time.strftime('%Y%m%d-%H%M%S')}"
-    cmd = [sys.executable, "nas.py", "all", "--preset", preset_name, "--run", run, "--no-tui", "--device", device]
+    cmd = [sys.executable, "nas.py", "all", "--preset", preset_name, "--name", run, "--no-tui", "--device", device]
     if data_dir is not None:
         cmd += ["--data-dir", str(data_dir.resolve())]
     t = time.perf_counter()
@@ -138,7 +127,7 @@ def time_all(preset_name: str, device: str, data_dir: Path | None) -> dict:
 
 
 def main(device: str = typer.Option("cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda"),
-         preset: str = typer.Option("cifar", help="net shape and batch size from nas.PRESETS: "
+         preset: str = typer.Option("cifar", help="net shape and batch size from train_stages.PRESETS: "
                                                   "tiny, cifar, fashion, paper"),
          batch: int = typer.Option(0, help="training batch (0: the preset's)"),
          k: int = typer.Option(4, help="archs per supernet training step"),
@@ -152,22 +141,22 @@ def main(device: str = typer.Option("cuda" if torch.cuda.is_available() else "cp
          seed: int = 0):
     """Training, evaluation and memory cost of the supernet versus static nets of the same archs."""
     for name in (preset, all_preset):
-        if name is not None and name not in nas.PRESETS:
-            raise typer.BadParameter(f"unknown preset {name!r}; presets are {', '.join(nas.PRESETS)}")
+        if name is not None and name not in train_stages.PRESETS:
+            raise typer.BadParameter(f"unknown preset {name!r}; presets are {', '.join(train_stages.PRESETS)}")
     if device not in ("cpu", "cuda") or (device == "cuda" and not torch.cuda.is_available()):
         raise typer.BadParameter(f"device {device!r} is not available here; use cpu or cuda")
-    p, dev = nas.PRESETS[preset], torch.device(device)
+    p, dev = train_stages.PRESETS[preset], torch.device(device)
     batch = batch or p.batch_size
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
     c, s = p.in_channels, p.image_size
-    data = ts.TensorData(torch.randint(0, 256, (calib_images, c, s, s), dtype=torch.uint8),
+    data = TensorData(torch.randint(0, 256, (calib_images, c, s, s), dtype=torch.uint8),
                          torch.randint(0, p.num_classes, (calib_images,)),
                          torch.randint(0, 256, (eval_images, c, s, s), dtype=torch.uint8),
                          torch.randint(0, p.num_classes, (eval_images,)), dev, pad=4)
     x = data.normalize(torch.randint(0, 256, (batch, c, s, s), dtype=torch.uint8, device=dev))
     y = torch.randint(0, p.num_classes, (batch,), device=dev)
-    st = ts.new_state(p, ("spos",), seed, dev)
-    st.optimizer = ts.make_optimizer(st.net.parameters(), LR)
+    st = train_stages.new_state(p, ("spos",), seed, dev)
+    st.optimizer = train_stages.make_optimizer(st.net.parameters(), LR)
 
     rows = training_step_times(st, x, y, k, iters, sets, sync)
     evaluation = eval_throughput(st, data, eval_archs, calib_images, sync)
@@ -179,7 +168,7 @@ def main(device: str = typer.Option("cuda" if torch.cuda.is_available() else "cp
     t_super = statistics.median(r["supernet_s"] for r in rows)
     t_static = statistics.median(r["static_s"] for r in rows)
     ratio = statistics.median(r["ratio"] for r in rows)
-    name, threads = device_name(dev), torch.get_num_threads()
+    name, threads = evaluate.machine_name(dev), torch.get_num_threads()
     precision = "bf16 autocast, channels_last" if dev.type == "cuda" else "fp32"
     typer.echo(f"{name}, {threads} threads, {precision}; preset {preset}: {s} px x{c}, width x{p.width_mult}, "
                f"batch {batch}, K {k}, median of {iters} steps per set")

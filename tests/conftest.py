@@ -7,18 +7,20 @@ CHALLENGE_JSON = ROOT.parent / "shared" / "data" / "CVPR_2022_NAS_Track1_test.js
 
 import pytest  # noqa: E402
 
-import train_stages as ts  # noqa: E402
+import data  # noqa: E402
+import train_stages  # noqa: E402
 
 # A preset small enough for unit tests: a few steps per phase on 512 Fashion-MNIST images.
-MICRO = ts.Preset("micro", "fashion-mnist", 28, 1, 10, width_mult=0.125, divisor=2, batch_size=32,
-                  epoch_scale=0.0125, lr_scale=10, warmup_epochs=0.125, warmup_lr=0.1, train_subset=512,
-                  eval_subset=256, calib_batches=2, calib_batch_size=64, gt_epochs=0.25, gt_lr=0.05, gt_n=4,
-                  gt_twice=2, probe_every=3, probe_calib_batches=1, probe_eval_images=128, log_every=2,
-                  checkpoint_every=4)
+MICRO = train_stages.Preset(
+    "micro", "fashion-mnist", 28, 1, 10, width_mult=0.125, divisor=2, batch_size=32,
+    epoch_scale=0.0125, lr_scale=10, warmup_epochs=0.125, warmup_lr=0.1, train_subset=512,
+    eval_subset=256, calib_batches=2, calib_batch_size=64,
+    gt_epochs=0.25, gt_lr=0.05, gt_batch_size=32, gt_n=4,
+    probe_every=3, probe_calib_batches=1, probe_eval_images=128, log_every=2, checkpoint_every=4)
 
 
 @pytest.fixture(scope="session")
 def micro_data():
-    if not all((ts.FASHION_MNIST_DIR / f).exists() for f in ts.FASHION_MNIST_FILES):
+    if not all((data.FASHION_MNIST_DIR / f).exists() for f in data.FASHION_MNIST_FILES):
         pytest.skip("Fashion-MNIST is not installed: apt-get install -y dataset-fashion-mnist")
-    return ts.load_data(MICRO, "cpu")
+    return data.load_data(MICRO, "cpu")

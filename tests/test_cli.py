@@ -4,6 +4,7 @@ import pytest
 from typer.testing import CliRunner
 
 import nas
+import train_stages
 
 runner = CliRunner()
 COMMANDS = ["arch", "sample", "train", "groundtruth", "evaluate", "report", "all", "tui"]
@@ -30,28 +31,28 @@ def runs(tmp_path, monkeypatch):
 
 def test_bad_inputs_get_one_line_and_exit_2(runs, tmp_path):
     one_line_error(runner.invoke(nas.app, ["all", "--preset", "huge"]), "unknown preset 'huge'")
-    one_line_error(runner.invoke(nas.app, ["train", "--preset", "tiny", "--run", "x", "--stages", "aps,zzz"]),
+    one_line_error(runner.invoke(nas.app, ["train", "--preset", "tiny", "--name", "x", "--stages", "aps,zzz"]),
                    "unknown stage 'aps'")
-    one_line_error(runner.invoke(nas.app, ["train", "--preset", "tiny", "--run", "x", "--data-dir",
+    one_line_error(runner.invoke(nas.app, ["train", "--preset", "tiny", "--name", "x", "--data-dir",
                                            str(tmp_path / "nowhere")]), "is not a folder")
     one_line_error(runner.invoke(nas.app, ["arch", "1" * 52]), "position")
-    one_line_error(runner.invoke(nas.app, ["report", "--run", "nothing"]), "no run 'nothing'")
-    one_line_error(runner.invoke(nas.app, ["train", "--preset", "tiny", "--run", "new", "--resume"]),
+    one_line_error(runner.invoke(nas.app, ["report", "--name", "nothing"]), "no run 'nothing'")
+    one_line_error(runner.invoke(nas.app, ["train", "--preset", "tiny", "--name", "new", "--resume"]),
                    "nothing to resume")
     (tmp_path / "bad.json").write_text("[1, 2")
-    one_line_error(runner.invoke(nas.app, ["evaluate", "--run", "x", "--archs", str(tmp_path / "bad.json"),
+    one_line_error(runner.invoke(nas.app, ["evaluate", "--name", "x", "--archs", str(tmp_path / "bad.json"),
                                            "--out", str(tmp_path / "out.json")]), "not valid JSON")
     assert not (tmp_path / "out.json").exists()
     assert not runs.exists()
 
 
 def test_an_existing_run_is_never_overwritten(runs):
-    config = nas.ts.run_config(nas.PRESETS["tiny"], ("warmup",), 0, "v3", True)
+    config = train_stages.run_config(train_stages.PRESETS["tiny"], ("warmup",), 0, "v3", True)
     nas.open_run("r", config, False, runs)
     saved = (runs / "r" / "config.json").read_text()
-    one_line_error(runner.invoke(nas.app, ["train", "--preset", "tiny", "--run", "r", "--stages", "warmup"]),
+    one_line_error(runner.invoke(nas.app, ["train", "--preset", "tiny", "--name", "r", "--stages", "warmup"]),
                    "already exists")
-    one_line_error(runner.invoke(nas.app, ["train", "--preset", "tiny", "--run", "r", "--stages", "cpt",
+    one_line_error(runner.invoke(nas.app, ["train", "--preset", "tiny", "--name", "r", "--stages", "cpt",
                                            "--resume"]), "different config (stages)")
     assert (runs / "r" / "config.json").read_text() == saved
 

@@ -1,4 +1,4 @@
-"""The dataset loaders of train_stages.py on small data made here: no download, no installed dataset."""
+"""The dataset loaders of data.py on small data made here: no download, no installed dataset."""
 
 import gzip
 import struct
@@ -10,11 +10,12 @@ import torch
 import torchvision
 from PIL import Image
 
-import train_stages as ts
+import data
+import train_stages
 
 
 def preset(dataset, image_size=32, in_channels=3, num_classes=10, **kw):
-    return ts.Preset(f"test-{dataset}", dataset, image_size, in_channels, num_classes, width_mult=0.125,
+    return train_stages.Preset(f"test-{dataset}", dataset, image_size, in_channels, num_classes, width_mult=0.125,
                      divisor=2, batch_size=16, epoch_scale=0.01, lr_scale=1, warmup_epochs=0.1,
                      warmup_lr=0.1, **kw)
 
@@ -61,12 +62,12 @@ CIFAR_PRESET = preset("cifar10", train_subset=48, eval_subset=24)
 
 @pytest.fixture
 def cifar_data(cifar, tmp_path):
-    return ts.load_data(CIFAR_PRESET, "cpu", tmp_path)
+    return data.load_data(CIFAR_PRESET, "cpu", tmp_path)
 
 
-def denormalize(data, x):
+def denormalize(loaded, x):
     """Back to uint8 pixels; normalization must be invertible to the integer."""
-    v = (x * data.std + data.mean) * 255
+    v = (x * loaded.std + loaded.mean) * 255
     assert (v - v.round()).abs().max() < 1e-3
     return v.round().to(torch.uint8)
 
@@ -86,19 +87,19 @@ def augmented_views(images, pad):
     return views
 
 
-def augmentations(data, x, views):
-    found = [views.get(img.numpy().tobytes()) for img in denormalize(data, x)]
+def augmentations(loaded, x, views):
+    found = [views.get(img.numpy().tobytes()) for img in denormalize(loaded, x)]
     assert None not in found, "a batch image is no crop/flip of any training image"
     return found
 
 
-def sources(data, x, views):
-    return [j for j, *_ in augmentations(data, x, views)]
+def sources(loaded, x, views):
+    return [j for j, *_ in augmentations(loaded, x, views)]
 
 
 @pytest.mark.parametrize("name", ["cifar10", "cifar100"])
 def test_cifar_is_converted_to_nchw_pixel_for_pixel(cifar, tmp_path, name):
-    tx, ty, vx, vy = ts._cifar(name, tmp_path)
+    tx, ty, vx, vy = data.cifar(name, tmp_path)
     other = "cifar100" if name == "cifar10" else "cifar10"
     assert cifar[other].made == []
     train, test = split(cifar[name], True), split(cifar[name], False)
@@ -119,14 +120,14 @@ def test_cifar_offline_is_a_data_error_that_says_what_to_do(monkeypatch, tmp_pat
     def offline(*args, **kwargs):
         raise error
     monkeypatch.setattr(torchvision.datasets, name.upper(), offline)
-    with pytest.raises(ts.DataError) as e:
-        ts.load_data(preset(name, num_classes=100 if name == "cifar100" else 10), "cpu", tmp_path)
+    with pytest.raises(data.DataError) as e:
+        data.load_data(preset(name, num_classes=100 if name == "cifar100" else 10), "cpu", tmp_path)
     assert "--data-dir" in str(e.value) and "--preset tiny" in str(e.value)
 
 
 def test_train_subset_keeps_distinct_images_with_their_labels(cifar, cifar_data):
     train, test = split(cifar["cifar10"], True), split(cifar["cifar10"], False)
-    assert isinstance(cifar_data, ts.TensorData)
+    assert isinstance(cifar_data, data.TensorData)
     assert cifar_data.train_size == len(cifar_data.train_y) == len(cifar_data.train_x) == 48
     originals = {img.tobytes(): j for j, img in enumerate(nchw(train).numpy())}
     kept = [originals.get(img.tobytes()) for img in cifar_data.train_x.numpy()]
@@ -169,7 +170,7 @@ def test_a_batch_is_a_function_of_key_and_step(cifar, cifar_data, tmp_path):
     x, y = cifar_data.train_batch(5, 1, 16)
     x2, y2 = cifar_data.train_batch(5, 1, 16)
     assert torch.equal(x, x2) and torch.equal(y, y2)
-    resumed = ts.load_data(CIFAR_PRESET, "cpu", tmp_path)  # a new process after --resume
+    resumed = data.load_data(CIFAR_PRESET, "cpu", tmp_path)  # a new process after --resume
     x3, y3 = resumed.train_batch(5, 1, 16)
     assert torch.equal(x, x3) and torch.equal(y, y3)
     assert not torch.equal(x, cifar_data.train_batch(5, 2, 16)[0])
@@ -232,7 +233,7 @@ def folders(tmp_path_factory):
 
 def folder_sources(x, expected):
     """Index into `expected` of the file each image of the batch was made from."""
-    mean, std = torch.tensor(ts.IMAGENET_MEAN).view(1, 3, 1, 1), torch.tensor(ts.IMAGENET_STD).view(1, 3, 1, 1)
+    mean, std = torch.tensor(data.IMAGENET_MEAN).view(1, 3, 1, 1), torch.tensor(data.IMAGENET_STD).view(1, 3, 1, 1)
     rgb = (x * std + mean) * 255
     assert (rgb - rgb.mean((2, 3), keepdim=True)).abs().max() < 0.5, "not a uniform image: wrong normalization?"
     colors = torch.tensor([c for c, _ in expected], dtype=torch.float32)
@@ -241,22 +242,22 @@ def folder_sources(x, expected):
     return dist.argmin(1).tolist()
 
 
-def count_loaders(monkeypatch, data):
+def count_loaders(monkeypatch, loaded):
     made = []
-    make = data._loader
+    make = loaded._loader
 
     def counting(*args):
         made.append(args)
         return make(*args)
-    monkeypatch.setattr(data, "_loader", counting)
+    monkeypatch.setattr(loaded, "_loader", counting)
     return made
 
 
 def test_folder_train_batch(folders):
     root, expected = folders
-    data = ts.FolderData(root, 16, "cpu", workers=0)
-    assert data.train_size == len(CLASSES) * TRAIN_PER_CLASS
-    x, y = data.train_batch(1, 0, 4)
+    loaded = data.FolderData(root, 16, "cpu", workers=0)
+    assert loaded.train_size == len(CLASSES) * TRAIN_PER_CLASS
+    x, y = loaded.train_batch(1, 0, 4)
     assert x.shape == (4, 3, 16, 16) and x.dtype == torch.float32
     assert y.dtype == torch.int64 and set(y.tolist()) <= {0, 1, 2}
     assert y.tolist() == [expected["train"][j][1] for j in folder_sources(x, expected["train"])]
@@ -264,83 +265,102 @@ def test_folder_train_batch(folders):
 
 def test_folder_steps_of_an_epoch_continue_one_iterator(folders, monkeypatch):
     root, expected = folders
-    data = ts.FolderData(root, 16, "cpu", workers=0)
-    loaders = count_loaders(monkeypatch, data)
+    loaded = data.FolderData(root, 16, "cpu", workers=0)
+    loaders = count_loaders(monkeypatch, loaded)
     seen = []
     for step in range(3):  # 12 images, 4 a batch: one epoch
-        x, y = data.train_batch(1, step, 4)
+        x, y = loaded.train_batch(1, step, 4)
         found = folder_sources(x, expected["train"])
         assert y.tolist() == [expected["train"][j][1] for j in found]
         seen += found
     assert len(loaders) == 1
     assert sorted(seen) == list(range(12))
-    data.train_batch(1, 3, 4)
+    loaded.train_batch(1, 3, 4)
     assert len(loaders) == 2
 
 
 def test_folder_resume_in_the_middle_of_an_epoch(folders):
     root, expected = folders
-    run = ts.FolderData(root, 16, "cpu", workers=0)
+    run = data.FolderData(root, 16, "cpu", workers=0)
     # 12 images, 5 a batch: 2 full batches an epoch, so step 3 is the second batch of the second epoch
     straight = [folder_sources(run.train_batch(2, step, 5)[0], expected["train"]) for step in range(4)]
     assert len(set(straight[0] + straight[1])) == 10
-    resumed = ts.FolderData(root, 16, "cpu", workers=0)
+    resumed = data.FolderData(root, 16, "cpu", workers=0)
     x, y = resumed.train_batch(2, 3, 5)
     assert x.shape == (5, 3, 16, 16) and len(y) == 5
     assert folder_sources(x, expected["train"]) == straight[3]
 
 
+def test_an_images_augmentation_depends_only_on_key_epoch_and_index():
+    class Noisy(torch.utils.data.Dataset):  # a "transform" that is all randomness
+        def __len__(self):
+            return 10
+
+        def __getitem__(self, index):
+            return torch.rand(3)
+
+    images = data.SeededImages(Noisy(), key=1, epoch=0)
+    torch.manual_seed(0)
+    state = torch.get_rng_state()
+    first = [images[i] for i in range(10)]
+    assert torch.equal(torch.get_rng_state(), state)  # the caller's random stream is untouched
+    torch.manual_seed(5)  # another global state and another order, as after a resume or in a worker
+    assert torch.equal(images[3], first[3]) and torch.equal(images[1], first[1])
+    assert not torch.equal(first[3], first[4])
+    assert not torch.equal(data.SeededImages(Noisy(), key=1, epoch=1)[3], first[3])
+
+
 def test_folder_calib_batches(folders):
     root, expected = folders
-    data = ts.FolderData(root, 16, "cpu", workers=0)
-    batches = data.calib_batches(2, 3, seed=0)
+    loaded = data.FolderData(root, 16, "cpu", workers=0)
+    batches = loaded.calib_batches(2, 3, seed=0)
     assert [b.shape for b in batches] == [(3, 3, 16, 16)] * 2
     assert all(b.dtype == torch.float32 for b in batches)
     found = [j for b in batches for j in folder_sources(b, expected["train"])]
     assert len(set(found)) == 6
-    assert all(torch.equal(a, b) for a, b in zip(batches, data.calib_batches(2, 3, seed=0)))
+    assert all(torch.equal(a, b) for a, b in zip(batches, loaded.calib_batches(2, 3, seed=0)))
 
 
 def test_folder_eval_batches_are_all_val_images_in_order(folders):
     root, expected = folders
-    data = ts.FolderData(root, 16, "cpu", workers=0)
-    batches = data.eval_batches(0, 4)
+    loaded = data.FolderData(root, 16, "cpu", workers=0)
+    batches = loaded.eval_batches(0, 4)
     assert [len(y) for _, y in batches] == [4, 2]
     x, y = torch.cat([x for x, _ in batches]), torch.cat([y for _, y in batches])
     assert x.shape == (6, 3, 16, 16) and y.dtype == torch.int64
     assert y.tolist() == [label for _, label in expected["val"]]
     assert folder_sources(x, expected["val"]) == list(range(6))
-    assert [len(y) for _, y in data.eval_batches(5, 2)] == [2, 2, 1]
+    assert [len(y) for _, y in loaded.eval_batches(5, 2)] == [2, 2, 1]
 
 
 # load_data's default of 8 workers is more than a 2-core machine suggests; the loader's choice, kept here.
 @pytest.mark.filterwarnings("ignore:This DataLoader will create:UserWarning")
 def test_load_data_imagenet_with_its_default_workers(folders):
     root, expected = folders
-    data = ts.load_data(preset("imagenet", image_size=16, num_classes=3), "cpu", root)
-    assert isinstance(data, ts.FolderData) and data.train_size == 12
-    (x, y), = data.eval_batches(0, 8)
+    loaded = data.load_data(preset("imagenet", image_size=16, num_classes=3), "cpu", root)
+    assert isinstance(loaded, data.FolderData) and loaded.train_size == 12
+    (x, y), = loaded.eval_batches(0, 8)
     assert y.tolist() == [label for _, label in expected["val"]]
     assert folder_sources(x, expected["val"]) == list(range(6))
 
 
 def test_imagenet_without_data_dir_says_to_pass_it():
-    with pytest.raises(ts.DataError, match="--data-dir"):
-        ts.load_data(preset("imagenet", image_size=16, num_classes=3), "cpu", None)
+    with pytest.raises(data.DataError, match="--data-dir"):
+        data.load_data(preset("imagenet", image_size=16, num_classes=3), "cpu", None)
 
 
 def test_imagenet_folder_without_val_is_a_data_error(tmp_path):
     (tmp_path / "train" / "ant").mkdir(parents=True)
     Image.new("RGB", (8, 8)).save(tmp_path / "train" / "ant" / "0.png")
-    with pytest.raises(ts.DataError, match="val/"):
-        ts.FolderData(tmp_path, 16, "cpu", workers=0)
-    with pytest.raises(ts.DataError, match="val/"):
-        ts.load_data(preset("imagenet", image_size=16, num_classes=1), "cpu", tmp_path)
+    with pytest.raises(data.DataError, match="val/"):
+        data.FolderData(tmp_path, 16, "cpu", workers=0)
+    with pytest.raises(data.DataError, match="val/"):
+        data.load_data(preset("imagenet", image_size=16, num_classes=1), "cpu", tmp_path)
 
 
 def test_unknown_dataset_is_a_data_error():
-    with pytest.raises(ts.DataError, match="svhn"):
-        ts.load_data(preset("svhn"), "cpu", None)
+    with pytest.raises(data.DataError, match="svhn"):
+        data.load_data(preset("svhn"), "cpu", None)
 
 
 # ---------------------------------------------------------------- Fashion-MNIST (IDX)
@@ -358,7 +378,7 @@ def test_read_idx_gz_images_and_labels(tmp_path):
     labels = rng.integers(0, 10, 300, dtype=np.uint8)
     write_idx_gz(tmp_path / "images.gz", 0x00000803, images)
     write_idx_gz(tmp_path / "labels.gz", 0x00000801, labels)
-    got_images, got_labels = ts._read_idx_gz(tmp_path / "images.gz"), ts._read_idx_gz(tmp_path / "labels.gz")
+    got_images, got_labels = data.read_idx_gz(tmp_path / "images.gz"), data.read_idx_gz(tmp_path / "labels.gz")
     assert got_images.dtype == torch.uint8 and got_images.shape == (3, 7, 260)
     assert np.array_equal(got_images.numpy(), images)
     assert got_labels.shape == (300,) and np.array_equal(got_labels.numpy(), labels)
@@ -373,7 +393,7 @@ def fashion(tmp_path):
 
     def write(folder):
         folder.mkdir(parents=True, exist_ok=True)
-        for name, array in zip(ts.FASHION_MNIST_FILES, arrays):
+        for name, array in zip(data.FASHION_MNIST_FILES, arrays):
             write_idx_gz(folder / name, 0x00000800 | array.ndim, array)
         return folder
     return arrays, write
@@ -383,7 +403,7 @@ def fashion(tmp_path):
 def no_system_fashion(monkeypatch, tmp_path):
     empty = tmp_path / "system-fashion-mnist"
     empty.mkdir()
-    monkeypatch.setattr(ts, "FASHION_MNIST_DIR", empty)
+    monkeypatch.setattr(data, "FASHION_MNIST_DIR", empty)
     return empty
 
 
@@ -400,32 +420,32 @@ def test_fashion_mnist_from_data_dir(fashion, no_system_fashion, tmp_path, layou
     arrays, write = fashion
     data_dir = tmp_path / "data"
     write(data_dir if layout == "flat" else data_dir / "FashionMNIST" / "raw")
-    assert_fashion(ts._fashion_mnist(data_dir), arrays)
+    assert_fashion(data.fashion_mnist(data_dir), arrays)
 
 
 def test_fashion_mnist_from_the_system_folder(fashion, no_system_fashion):
     arrays, write = fashion
     write(no_system_fashion)
-    assert_fashion(ts._fashion_mnist(None), arrays)
+    assert_fashion(data.fashion_mnist(None), arrays)
 
 
 @pytest.mark.parametrize("data_dir", [None, "empty"])
 def test_fashion_mnist_missing_says_how_to_install(no_system_fashion, tmp_path, data_dir):
-    with pytest.raises(ts.DataError, match="apt-get") as e:
-        ts._fashion_mnist(data_dir and tmp_path)
+    with pytest.raises(data.DataError, match="apt-get") as e:
+        data.fashion_mnist(data_dir and tmp_path)
     assert "--data-dir" in str(e.value)
 
 
 def test_load_data_fashion_mnist(fashion, no_system_fashion, tmp_path):
     arrays, write = fashion
     p = preset("fashion-mnist", 28, 1, 10, train_subset=32, eval_subset=16)
-    data = ts.load_data(p, "cpu", write(tmp_path / "data"))
-    assert isinstance(data, ts.TensorData) and data.train_size == 32 and data.pad == 2
-    x, y = data.train_batch(0, 0, 16)
+    loaded = data.load_data(p, "cpu", write(tmp_path / "data"))
+    assert isinstance(loaded, data.TensorData) and loaded.train_size == 32 and loaded.pad == 2
+    x, y = loaded.train_batch(0, 0, 16)
     assert x.shape == (16, 1, 28, 28) and x.dtype == torch.float32
     assert set(y.tolist()) <= set(arrays[1].tolist())
-    found = sources(data, x, augmented_views(data.train_x, pad=2))
-    assert torch.equal(data.train_y[found], y)
-    (ex, ey), = data.eval_batches(p.eval_subset, 16)
+    found = sources(loaded, x, augmented_views(loaded.train_x, pad=2))
+    assert torch.equal(loaded.train_y[found], y)
+    (ex, ey), = loaded.eval_batches(p.eval_subset, 16)
     assert ey.tolist() == arrays[3][:16].tolist()
-    assert np.array_equal(denormalize(data, ex)[:, 0].numpy(), arrays[2][:16])
+    assert np.array_equal(denormalize(loaded, ex)[:, 0].numpy(), arrays[2][:16])

@@ -5,12 +5,12 @@ import pytest
 import torch
 from torchvision.models.resnet import BasicBlock as TVBasicBlock, ResNet
 
-import supernet as sn
+import supernet
 from conftest import CHALLENGE_JSON
 
-SMALL = sn.NetShape(image_size=16, in_channels=3, num_classes=7, width_mult=0.25, divisor=4)
+SMALL = supernet.NetShape(image_size=16, in_channels=3, num_classes=7, width_mult=0.25, divisor=4)
 MIN_CODE = "12222" + "3" + "3333" + "00" * 3 + "3333" + "00" * 3 + "5555" + "00" * 6 + "7777" + "00" * 3
-LARGE_STEM = sn.NetShape(image_size=128, in_channels=3, num_classes=5, width_mult=0.125, divisor=4)
+LARGE_STEM = supernet.NetShape(image_size=128, in_channels=3, num_classes=5, width_mult=0.125, divisor=4)
 
 
 def challenge_codes():
@@ -22,25 +22,25 @@ def challenge_codes():
 @pytest.mark.parametrize("shape", [SMALL, LARGE_STEM], ids=["small-stem", "imagenet-stem"])
 def test_supernet_subnet_equals_extracted_static_net(shape):
     torch.manual_seed(0)
-    net = sn.Supernet(shape)
+    net = supernet.Supernet(shape)
     rng = random.Random(1)
     x = torch.randn(4, 3, shape.image_size, shape.image_size)
     for _ in range(3):  # give BN running statistics non-trivial values for the eval-mode check
-        net.train()(x, sn.MAX_ARCH)
-    archs = [sn.MAX_ARCH, sn.decode(MIN_CODE)]
-    archs += [sn.sample_arch(rng) for _ in range(10)]
+        net.train()(x, supernet.MAX_ARCH)
+    archs = [supernet.MAX_ARCH, supernet.decode(MIN_CODE)]
+    archs += [supernet.sample_arch(rng) for _ in range(10)]
     for arch in archs:
         for train in (True, False):
             net.train(train)
-            static = sn.extract_subnet(net, arch)
+            static = supernet.extract_subnet(net, arch)
             assert static.training == train
             with torch.no_grad():
                 torch.testing.assert_close(net(x, arch), static(x), rtol=1e-5, atol=1e-5)
 
 
 def test_supernet_gradients_reach_only_the_sliced_weights():
-    net = sn.Supernet(SMALL)
-    arch = sn.decode("12222" + "3" + "3333" + "00" * 3 + "1313" + "00" * 3 + "1515" + "00" * 6 + "7676" + "00" * 3)
+    net = supernet.Supernet(SMALL)
+    arch = supernet.decode("12222" + "3" + "3333" + "00" * 3 + "1313" + "00" * 3 + "1515" + "00" * 6 + "7676" + "00" * 3)
     net(torch.randn(2, 3, 16, 16), arch).sum().backward()
     stage4_block0 = net.stages[3][0].conv1.weight
     mid = SMALL.ch(512, 7)
@@ -53,25 +53,25 @@ def test_round_trip_on_all_challenge_codes():
     codes = challenge_codes()
     assert len(codes) == 45000
     for code in codes:
-        assert sn.encode(sn.decode(code)) == code
-        assert sn.encode(sn.decode(code[1:])) == code  # the 51-character form
+        assert supernet.encode(supernet.decode(code)) == code
+        assert supernet.encode(supernet.decode(code[1:])) == code  # the 51-character form
 
 
 def test_challenge_codes_use_exactly_the_allowed_widths_per_stage():
     used = [set() for _ in range(4)]
     for code in challenge_codes()[:5000]:
-        a = sn.decode(code)
+        a = supernet.decode(code)
         for s in range(4):
             used[s].update(a.mids[s])
             used[s].add(a.outs[s])
-    assert [tuple(sorted(u)) for u in used] == list(sn.WIDTH_CODES)
+    assert [tuple(sorted(u)) for u in used] == list(supernet.WIDTH_CODES)
 
 
 def test_channel_table_at_width_mult_1():
     table = {1: (64, 128, 256, 512), 2: (64, 120, 240, 488), 3: (56, 112, 232, 464), 4: (56, 112, 216, 432),
              5: (48, 104, 208, 408), 6: (48, 96, 192, 384), 7: (48, 88, 176, 360)}
     for code, row in table.items():
-        assert tuple(sn.channels(base, code) for base in sn.BASE_WIDTHS) == row
+        assert tuple(supernet.channels(base, code) for base in supernet.BASE_WIDTHS) == row
 
 
 GOOD = "1252233313000000223212122253130000000000006515000000"
@@ -98,7 +98,7 @@ def with_char(code, pos, ch):
 ])
 def test_malformed_codes_are_refused_naming_position_and_rule(code, position, words):
     with pytest.raises(ValueError) as e:
-        sn.decode(code)
+        supernet.decode(code)
     if position:
         assert str(e.value).startswith(position + ":")
     assert words in str(e.value)
@@ -107,8 +107,8 @@ def test_malformed_codes_are_refused_naming_position_and_rule(code, position, wo
 def test_max_arch_matches_torchvision_resnet_params_and_flops():
     with torch.device("meta"):
         reference = ResNet(TVBasicBlock, [5, 5, 8, 5])
-    assert sn.count_flops_params(sn.MAX_ARCH, 224) == sn.count_flops_params(reference, 224)
-    net = sn.extract_subnet(sn.Supernet(), sn.MAX_ARCH)
+    assert supernet.count_flops_params(supernet.MAX_ARCH) == supernet.count_flops_params(reference)
+    net = supernet.extract_subnet(supernet.Supernet(), supernet.MAX_ARCH)
     assert sum(p.numel() for p in net.parameters()) == sum(p.numel() for p in reference.parameters())
 
 
@@ -118,8 +118,8 @@ def test_sampler_stays_inside_its_space_and_reaches_every_value():
     rng = random.Random(0)
     seen_depths, seen_widths = [set() for _ in range(4)], [set() for _ in range(4)]
     for _ in range(3000):
-        a = sn.sample_arch(rng, depth_ranges, width_codes)
-        assert sn.decode(sn.encode(a)) == a
+        a = supernet.sample_arch(rng, depth_ranges, width_codes)
+        assert supernet.decode(supernet.encode(a)) == a
         for s in range(4):
             seen_depths[s].add(a.depths[s])
             assert len(a.mids[s]) == a.depths[s]
@@ -129,17 +129,17 @@ def test_sampler_stays_inside_its_space_and_reaches_every_value():
 
 
 def test_distance_examples_by_hand():
-    big = sn.MAX_ARCH
-    assert sn.distance(big, big) == 0
+    big = supernet.MAX_ARCH
+    assert supernet.distance(big, big) == 0
     # stage 4 one block shallower: that slot's '11' reads as 99
-    shallower = sn.decode(sn.MAX_CODE[:4] + "4" + sn.MAX_CODE[5:50] + "00")
-    assert sn.distance(big, shallower) == 16
+    shallower = supernet.decode(supernet.MAX_CODE[:4] + "4" + supernet.MAX_CODE[5:50] + "00")
+    assert supernet.distance(big, shallower) == 16
     # stem 1 -> 3 moves the stem and, by tying, stage 1's five conv2 codes: 6 layers x 2
-    code = list(sn.MAX_CODE)
+    code = list(supernet.MAX_CODE)
     code[5] = "3"
     for b in range(5):
         code[7 + 2 * b] = "3"
-    assert sn.distance(big, sn.decode("".join(code))) == 12
-    a = sn.decode(GOOD)
-    assert sn.distance(a, big) == sn.distance(big, a) == sum(
+    assert supernet.distance(big, supernet.decode("".join(code))) == 12
+    a = supernet.decode(GOOD)
+    assert supernet.distance(a, big) == supernet.distance(big, a) == sum(
         abs((int(c) or 9) - 1) for c in GOOD[5:])

@@ -7,73 +7,74 @@ import statistics
 import pytest
 import torch
 
-import supernet as sn
-import train_stages as ts
+import data
+import supernet
+import train_stages
 from conftest import MICRO
 
 STAGES = ("warmup", "aps_depth", "cpt", "sse34")
 
 
 def test_every_phase_samples_inside_its_space():
-    for stage in ("aps_depth", "aps_width", "ps_depth", "ps_width", "spos", "cpt"):
+    stages = ("aps_depth", "aps_width", "ps_depth", "ps_width", "spos", "cpt", "sse4", "sse34")
+    for stage in stages:
         for aps in ("v1", "v2", "v3"):
-            for phase in ts.stage_phases(stage, MICRO, aps):
-                st = ts.TrainState(MICRO, (stage,), 0, rng=random.Random(0))
+            for phase in train_stages.stage_phases(stage, MICRO, aps):
+                st = train_stages.TrainState(MICRO, (stage,), 0, rng=random.Random(0))
                 for _ in range(300):
-                    a = ts.sample_in(st, phase)
+                    a = train_stages.sample_in(st, phase)
                     for s in range(4):
                         lo, hi = phase.depths[s]
                         assert lo <= a.depths[s] <= hi
                         assert set(a.mids[s]) | {a.outs[s]} <= set(phase.widths[s])
+                    if phase.sub is not None:  # SSE: inside the sub-supernet's own region
+                        assert train_stages.sse_owner(a, stage) == phase.sub
 
 
 def test_aps_versions_differ_exactly_where_the_paper_says():
-    depth = {v: [p.depths for p in ts.stage_phases("aps_depth", MICRO, v)] for v in ("v1", "v2", "v3")}
+    depth = {v: [p.depths for p in train_stages.stage_phases("aps_depth", MICRO, v)] for v in ("v1", "v2", "v3")}
     assert depth["v1"][0] == ((4, 5), (4, 5), (6, 8), (4, 5))
     assert depth["v1"][1] == ((3, 5), (3, 5), (4, 8), (3, 5))
     assert depth["v1"][2] == ((2, 5), (2, 5), (2, 8), (2, 5))
     assert depth["v2"] == [depth["v1"][0], depth["v1"][1][:3] + ((2, 5),), depth["v1"][2]]
     assert depth["v3"] == [depth["v1"][0][:3] + ((2, 5),), depth["v2"][1], depth["v1"][2]]
-    phases = ts.paper_phases("aps_depth", "v1") + ts.paper_phases("aps_width", "v1")
+    phases = train_stages.paper_phases("aps_depth", "v1") + train_stages.paper_phases("aps_width", "v1")
     assert [(p.epochs, p.lr) for p in phases] == [(5, 0.001), (10, 0.002), (15, 0.004),
                                                    (5, 0.001), (10, 0.002), (25, 0.004)]
-    scaled = ts.stage_phases("aps_width", MICRO)[2]
+    scaled = train_stages.stage_phases("aps_width", MICRO)[2]
     assert (scaled.epochs, scaled.lr) == pytest.approx((25 * MICRO.epoch_scale, 0.004 * MICRO.lr_scale))
-    assert [p.widths[3] for p in ts.stage_phases("aps_width", MICRO)] == [(1, 2, 3), (1, 2, 3, 4, 5), sn.WIDTH_CODES[3]]
+    assert [p.widths[3] for p in train_stages.stage_phases("aps_width", MICRO)] == [(1, 2, 3), (1, 2, 3, 4, 5), supernet.WIDTH_CODES[3]]
 
 
 def test_sse_routes_every_depth_combination_to_the_region_the_paper_lists():
     paper34 = {0: ["22", "23", "24"], 1: ["32", "42", "52", "62", "72", "82"], 2: ["83", "84", "85"],
                3: ["25", "35", "45", "55", "65", "75"]}
     rng = random.Random(0)
-    seen = set()
     for d1 in range(2, 6):
         for d2 in range(2, 6):
             for d3 in range(2, 9):
                 for d4 in range(2, 6):
-                    a = sn.sample_arch(rng, ((d1, d1), (d2, d2), (d3, d3), (d4, d4)))
+                    a = supernet.sample_arch(rng, ((d1, d1), (d2, d2), (d3, d3), (d4, d4)))
                     owners34 = [i for i, pairs in paper34.items() if f"{d3}{d4}" in pairs]
                     assert len(owners34) <= 1
-                    assert ts.sse_owner(a, "sse34") == (owners34[0] if owners34 else 4)
-                    assert ts.sse_owner(a, "sse4") == {2: 0, 5: 1}.get(d4, 2)
-                    seen.add((d1, d2, d3, d4))
-    assert len(seen) == 448
+                    assert train_stages.sse_owner(a, "sse34") == (owners34[0] if owners34 else 4)
+                    assert train_stages.sse_owner(a, "sse4") == {2: 0, 5: 1}.get(d4, 2)
 
 
 def arch_with(depths, widths=1, stem=None):
     outs = (stem or widths, widths, widths, widths)
-    return sn.Arch(tuple(depths), outs, tuple((widths,) * d for d in depths))
+    return supernet.Arch(tuple(depths), outs, tuple((widths,) * d for d in depths))
 
 
 def test_pool_fills_then_follows_the_nsas_replacement_rule():
     widest = arch_with((5, 5, 8, 5))
     middle = arch_with((3, 3, 4, 3), widths=2)
     far = arch_with((2, 2, 2, 2), widths=3)
-    near_middle = sn.Arch(middle.depths, middle.outs, ((1, 2, 2),) + middle.mids[1:])  # one step towards widest
-    assert sn.distance(middle, near_middle) == 1
-    assert sn.distance(near_middle, widest) == sn.distance(middle, widest) - 1 < sn.distance(far, widest)
+    near_middle = supernet.Arch(middle.depths, middle.outs, ((1, 2, 2),) + middle.mids[1:])  # one step towards widest
+    assert supernet.distance(middle, near_middle) == 1
+    assert supernet.distance(near_middle, widest) == supernet.distance(middle, widest) - 1 < supernet.distance(far, widest)
 
-    pool = ts.ConstraintPool(size=2, recent=100, k=1)
+    pool = train_stages.ConstraintPool(size=2, recent=100, k=1)
     pool.update(middle)
     pool.update(widest)
     assert pool.members == [middle, widest]
@@ -88,13 +89,13 @@ def test_pool_fills_then_follows_the_nsas_replacement_rule():
 
 def test_pool_is_far_more_diverse_than_random_pools():
     rng = random.Random(0)
-    pool = ts.ConstraintPool()
+    pool = train_stages.ConstraintPool()
     for _ in range(400):
-        pool.update(sn.sample_arch(rng))
+        pool.update(supernet.sample_arch(rng))
     random_means = []
     for _ in range(100):
-        members = [sn.sample_arch(rng) for _ in range(10)]
-        random_means.append(statistics.mean(sn.distance(x, y) for i, x in enumerate(members) for y in members[i + 1:]))
+        members = [supernet.sample_arch(rng) for _ in range(10)]
+        random_means.append(statistics.mean(supernet.distance(x, y) for i, x in enumerate(members) for y in members[i + 1:]))
     stats = pool.stats()
     assert stats["size"] == 10
     assert stats["mean_dist"] > 1.25 * statistics.mean(random_means)
@@ -102,22 +103,22 @@ def test_pool_is_far_more_diverse_than_random_pools():
 
 
 def test_pool_losses_send_gradients_into_the_shared_weights(micro_data):
-    st = ts.new_state(MICRO, ("cpt",), 0, "cpu")
+    st = train_stages.new_state(MICRO, ("cpt",), 0, "cpu")
     deep = arch_with((2, 2, 2, 5))
     st.pool.members = [deep]
-    phase = ts.Phase("cpt", "cpt", 1, 0.001, 1, depths=((2, 2),) * 4)  # samples have stage-4 depth 2
+    phase = train_stages.Phase("cpt", "cpt", 1, 0.001, 1, depths=((2, 2),) * 4)  # samples have stage-4 depth 2
     x, y = micro_data.train_batch(0, 0, 16)
-    archs, losses = ts.cpt_step(st, phase, x, y)
+    archs, losses = train_stages.cpt_step(st, phase, x, y)
     assert archs[0].depths[3] == 2 and len(losses) == 1 + len(st.pool.members)
     # blocks 3-5 of stage 4 ran only in the pool's deep member
     assert st.net.stages[3][4].conv1.weight.grad.abs().sum() > 0
 
 
 def run_micro(tmp_path, probe=None, stages=STAGES):
-    st = ts.new_state(MICRO, stages, 0, "cpu")
+    st = train_stages.new_state(MICRO, stages, 0, "cpu")
     tmp_path.mkdir(parents=True, exist_ok=True)
-    log = ts.EventLog(tmp_path / "events.jsonl")
-    return ts.train(st, ts.load_data(MICRO, "cpu"), tmp_path, log, probe)
+    log = train_stages.EventLog(tmp_path / "events.jsonl")
+    return train_stages.train(st, data.load_data(MICRO, "cpu"), tmp_path, log, probe)
 
 
 def test_killed_and_resumed_run_equals_an_uninterrupted_one(tmp_path):
@@ -127,12 +128,12 @@ def test_killed_and_resumed_run_equals_an_uninterrupted_one(tmp_path):
         if st.phases()[st.phase_index].stage == "cpt" and st.step == 3:
             os.kill(os.getpid(), signal.SIGINT)  # a real Ctrl-C, handled by the training loop
 
-    with pytest.raises(ts.Stopped):
+    with pytest.raises(train_stages.Stopped):
         run_micro(tmp_path / "cut", interrupt_in_cpt)
-    resumed = ts.new_state(MICRO, STAGES, 0, "cpu")
-    ts.load_checkpoint(resumed, tmp_path / "cut" / "checkpoints" / "last.pt")
+    resumed = train_stages.new_state(MICRO, STAGES, 0, "cpu")
+    train_stages.load_checkpoint(resumed, tmp_path / "cut" / "checkpoints" / "last.pt")
     assert resumed.phases()[resumed.phase_index].stage == "cpt" and resumed.step == 4
-    ts.train(resumed, ts.load_data(MICRO, "cpu"), tmp_path / "cut", ts.EventLog(tmp_path / "cut" / "events.jsonl"))
+    train_stages.train(resumed, data.load_data(MICRO, "cpu"), tmp_path / "cut", train_stages.EventLog(tmp_path / "cut" / "events.jsonl"))
     for k, v in whole.net.state_dict().items():
         assert torch.equal(v, resumed.net.state_dict()[k]), k
     assert whole.subnets.keys() == resumed.subnets.keys()
@@ -152,55 +153,54 @@ def test_killed_and_resumed_run_equals_an_uninterrupted_one(tmp_path):
 
 
 def test_damaged_or_foreign_checkpoints_are_refused(tmp_path):
-    st = ts.new_state(MICRO, ("warmup",), 0, "cpu")
+    st = train_stages.new_state(MICRO, ("warmup",), 0, "cpu")
     bad = tmp_path / "last.pt"
     bad.write_bytes(b"not a checkpoint")
-    with pytest.raises(ts.TrainingError, match="cannot be read"):
-        ts.load_checkpoint(st, bad)
-    ts.save_checkpoint(st, bad)
-    other = ts.new_state(MICRO, ("warmup",), 1, "cpu")
-    with pytest.raises(ts.TrainingError, match=r"different config \(seed\)"):
-        ts.load_checkpoint(other, bad)
+    with pytest.raises(train_stages.TrainingError, match="cannot be read"):
+        train_stages.load_checkpoint(st, bad)
+    train_stages.save_checkpoint(st, bad)
+    other = train_stages.new_state(MICRO, ("warmup",), 1, "cpu")
+    with pytest.raises(train_stages.TrainingError, match=r"different config \(seed\)"):
+        train_stages.load_checkpoint(other, bad)
 
 
 def test_non_finite_loss_stops_naming_stage_and_arch(tmp_path, micro_data):
     from dataclasses import replace
-    st = ts.new_state(replace(MICRO, warmup_lr=1e30), ("warmup",), 0, "cpu")
-    with pytest.raises(ts.TrainingError, match=r"stage warmup .* for arch 1558511"):
-        ts.train(st, micro_data, None, ts.EventLog(None))
-
-
-def test_batches_are_a_pure_function_of_key_and_step(micro_data):
-    x1, y1 = micro_data.train_batch(5, 7, 32)
-    micro_data.train_batch(6, 0, 32)
-    x2, y2 = micro_data.train_batch(5, 7, 32)
-    assert torch.equal(x1, x2) and torch.equal(y1, y2)
-    assert x1.shape == (32, 1, 28, 28) and abs(float(micro_data.normalize(micro_data.train_x[:512]).mean())) < 0.1
+    st = train_stages.new_state(replace(MICRO, warmup_lr=1e30), ("warmup",), 0, "cpu")
+    with pytest.raises(train_stages.TrainingError, match=r"stage warmup .* for arch 1558511"):
+        train_stages.train(st, micro_data, None, train_stages.EventLog(None))
 
 
 def test_a_chained_run_equals_one_run_of_all_its_stages(tmp_path, micro_data):
     parent = tmp_path / "warmup.pt"
-    ts.save_checkpoint(ts.train(ts.new_state(MICRO, ("warmup",), 0, "cpu", kd=False), micro_data, None,
-                                ts.EventLog(None)), parent)
-    chained = ts.new_state(MICRO, ("warmup", "spos"), 0, "cpu")  # kd differs: nothing so far used it
-    ts.load_checkpoint(chained, parent, extend=True)
+    train_stages.save_checkpoint(train_stages.train(train_stages.new_state(MICRO, ("warmup",), 0, "cpu", kd=False), micro_data, None,
+                                train_stages.EventLog(None)), parent)
+    chained = train_stages.new_state(MICRO, ("warmup", "spos"), 0, "cpu")  # kd differs: nothing so far used it
+    train_stages.load_checkpoint(chained, parent, extend=True)
     assert chained.phase_index == 1 and chained.step == 0
-    ts.train(chained, micro_data, None, ts.EventLog(None))
-    whole = ts.train(ts.new_state(MICRO, ("warmup", "spos"), 0, "cpu"), micro_data, None, ts.EventLog(None))
+    train_stages.train(chained, micro_data, None, train_stages.EventLog(None))
+    whole = train_stages.train(train_stages.new_state(MICRO, ("warmup", "spos"), 0, "cpu"), micro_data, None, train_stages.EventLog(None))
     for k, v in whole.net.state_dict().items():
         assert torch.equal(v, chained.net.state_dict()[k]), k
 
     for stages, seed in [(("spos",), 0), (("warmup", "spos"), 1)]:  # not its beginning; another seed
-        with pytest.raises(ts.TrainingError, match="different config"):
-            ts.load_checkpoint(ts.new_state(MICRO, stages, seed, "cpu"), parent, extend=True)
-    unfinished = ts.new_state(MICRO, ("warmup", "spos"), 0, "cpu")
-    ts.save_checkpoint(unfinished, parent)
-    with pytest.raises(ts.TrainingError, match="different config"):
-        ts.load_checkpoint(ts.new_state(MICRO, ("warmup", "spos", "cpt"), 0, "cpu"), parent, extend=True)
+        with pytest.raises(train_stages.TrainingError, match="different config"):
+            train_stages.load_checkpoint(train_stages.new_state(MICRO, stages, seed, "cpu"), parent, extend=True)
+    unfinished = train_stages.new_state(MICRO, ("warmup", "spos"), 0, "cpu")
+    train_stages.save_checkpoint(unfinished, parent)
+    with pytest.raises(train_stages.TrainingError, match="different config"):
+        train_stages.load_checkpoint(train_stages.new_state(MICRO, ("warmup", "spos", "cpt"), 0, "cpu"), parent, extend=True)
 
 
 def test_sse_without_a_warm_up_says_it_trains_without_distillation(micro_data):
     events = []
-    ts.train(ts.new_state(MICRO, ("sse4",), 0, "cpu"), micro_data, None, lambda e, **f: events.append((e, f)))
+    train_stages.train(train_stages.new_state(MICRO, ("sse4",), 0, "cpu"), micro_data, None, lambda e, **f: events.append((e, f)))
     warnings = [f["message"] for e, f in events if e == "warning"]
     assert len(warnings) == 2 and all("without KD" in w for w in warnings)
+
+
+def test_a_run_takes_one_sse_split():
+    with pytest.raises(ValueError, match="sse4 and sse34"):
+        train_stages.new_state(MICRO, ("warmup", "cpt", "sse4", "sse34"), 0, "cpu")
+    with pytest.raises(ValueError, match="unknown stage 'sse5'"):
+        train_stages.check_stages(("warmup", "sse5"))

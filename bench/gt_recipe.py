@@ -1,0 +1,115 @@
+"""How much signal a stand-alone ground truth has, as a function of its training budget.
+
+    python bench/gt_recipe.py --preset small --budgets 0.5,1,2 --archs 24
+
+Trains the same archs with two seeds at each budget (epochs of the preset's training set, the
+rest of the preset's recipe unchanged) and reports, per budget: seed-vs-seed Pearson, Kendall
+and Spearman with 95% intervals; the ceiling they imply for any predictor against the 2-seed
+mean (evaluate.ceiling_of); Kendall tau of FLOPs against that mean (positive: the ground truth
+ranks capacity, not speed of training); the spread of accuracies; the seconds per net.
+
+The archs are the first `--archs` of the headline sample (uniform, seed 0, as `nas.py all`
+draws them), so the nets trained at the budget the preset settles on are ground truth that
+`nas.py all` and bench/ablation.py reuse. A recipe is judged here by seed-vs-seed agreement
+only, never by a supernet's, so sharing archs cannot favour a method. Every net lands in the
+committed bench/results/groundtruth.json as it finishes: a killed run goes on where it
+stopped. Writes bench/results/gt-recipe-<preset>.json and .md.
+"""
+
+import json
+import statistics
+import sys
+import time
+from dataclasses import replace
+from datetime import date
+from pathlib import Path
+
+import torch
+import typer
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+import evaluate  # noqa: E402
+import supernet  # noqa: E402
+import train_stages  # noqa: E402
+from data import load_data  # noqa: E402
+
+
+def budget_row(preset, archs, gt: evaluate.GroundTruth, data, log) -> dict:
+    """Train what is missing of `archs` x seeds 0, 1 at this recipe; the row of the table."""
+    key = evaluate.recipe(preset, data.device)
+    accs = {0: [], 1: []}
+    seconds = []
+    for i, arch in enumerate(archs):
+        code = supernet.encode(arch)
+        for seed in (0, 1):
+            acc = gt.get(code, preset.dataset, key, seed)
+            if acc is None:
+                t = time.perf_counter()
+                acc = evaluate.train_standalone(arch, preset, data, seed)
+                gt.put(code, preset.dataset, key, seed, acc, time.perf_counter() - t)
+            seconds.append(gt.entries[gt.key(code, preset.dataset, key, seed)]["seconds"])
+            accs[seed].append(acc)
+        log(f"  {preset.gt_epochs:g} epochs  arch {i + 1}/{len(archs)}  {accs[0][-1]:.4f} {accs[1][-1]:.4f}")
+    mean = [(a + b) / 2 for a, b in zip(accs[0], accs[1])]
+    flops = [supernet.count_flops_params(a, preset.shape)[0] for a in archs]
+    seed_vs_seed = evaluate.rank_metrics(accs[0], accs[1])
+    return {"epochs": preset.gt_epochs, "recipe": key, "n": len(archs),
+            "seed_vs_seed": seed_vs_seed, "ceiling": evaluate.ceiling_from(seed_vs_seed),
+            "flops_vs_mean": evaluate.rank_metrics(flops, mean),
+            "acc_min": min(mean), "acc_max": max(mean), "acc_sd": statistics.stdev(mean),
+            "seed_diff_mean": statistics.mean(abs(a - b) for a, b in zip(accs[0], accs[1])),
+            "seconds_per_net": statistics.mean(seconds),
+            "archs": [supernet.encode(a) for a in archs], "acc_seed0": accs[0], "acc_seed1": accs[1]}
+
+
+def table(rows: list[dict]) -> str:
+    fm = evaluate.format_metric
+    lines = ["| epochs | seed-vs-seed kendall | seed-vs-seed pearson | seed-vs-seed spearman "
+             "| ceiling kendall (2-seed mean) | FLOPs vs mean kendall | top-1 range | mean seed diff "
+             "| s per net | n |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        s = r["seed_vs_seed"]
+        lines.append(f"| {r['epochs']:g} | {fm(s, 'kendall')} | {fm(s, 'pearson')} | {fm(s, 'spearman')} "
+                     f"| {fm(r['ceiling'], 'kendall')} | {fm(r['flops_vs_mean'], 'kendall')} "
+                     f"| {r['acc_min']:.4f}-{r['acc_max']:.4f} | {r['seed_diff_mean']:.4f} "
+                     f"| {r['seconds_per_net']:.0f} | {r['n']} |")
+    return "\n".join(lines)
+
+
+def main(preset: str = typer.Option("small", help="the recipe to vary: a preset's ground-truth settings"),
+         budgets: str = typer.Option("0.5,1,2", help="comma-separated training epochs"),
+         archs: int = typer.Option(24, min=3, help="archs, each trained with 2 seeds per budget"),
+         arch_seed: int = typer.Option(0, help="sampling seed of the archs (0: the headline set's)"),
+         label_smoothing: float = typer.Option(None, help="override the preset's gt_label_smoothing"),
+         device: str = "cpu", data_dir: Path = typer.Option(None),
+         out: Path = ROOT / "bench" / "results"):
+    if preset not in train_stages.PRESETS:
+        raise typer.BadParameter(f"unknown preset {preset!r}; presets are {', '.join(train_stages.PRESETS)}")
+    base = train_stages.PRESETS[preset]
+    if label_smoothing is not None:
+        base = replace(base, gt_label_smoothing=label_smoothing)
+    train_stages.set_threads(base)
+    data = load_data(base, device, data_dir)
+    chosen = evaluate.pick_archs(archs, arch_seed, base)
+    gt = evaluate.GroundTruth(evaluate.SHARED_GROUND_TRUTH)
+    rows = []
+    for epochs in [float(b) for b in budgets.split(",")]:
+        rows.append(budget_row(replace(base, gt_epochs=epochs), chosen, gt, data, typer.echo))
+        typer.echo(table(rows[-1:]))
+    md = table(rows)
+    typer.echo("\n" + md)
+    name = f"gt-recipe-{preset}" + (f"-ls{label_smoothing:g}" if label_smoothing is not None else "")
+    where = f"{device}, {torch.get_num_threads()} threads"
+    out.mkdir(parents=True, exist_ok=True)
+    evaluate.write_json_atomic(out / f"{name}.json", {
+        "date": date.today().isoformat(), "device": where, "preset": preset, "arch_seed": arch_seed,
+        "settings": evaluate.recipe_settings(base, device), "rows": rows})
+    (out / f"{name}.md").write_text(f"Ground-truth signal by budget, preset {preset} ({where}), "
+                                    f"{date.today().isoformat()}, {archs} archs (seed {arch_seed}) x 2 seeds.\n\n"
+                                    f"{md}\n")
+    typer.echo(f"wrote {out / name}.json and .md")
+
+
+if __name__ == "__main__":
+    typer.run(main)
