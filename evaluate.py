@@ -148,6 +148,24 @@ def rank_metrics(pred, truth, n_boot: int = 1000, seed: int = 0) -> dict:
     return out
 
 
+def paired_difference(pred_a, pred_b, truth, n_boot: int = 1000, seed: int = 0) -> dict:
+    """How much better `pred_a` ranks `truth` than `pred_b` does, per metric, with a 95% paired
+    bootstrap interval: the same resampled archs score both predictors, so what the two share
+    (which archs happen to be in the sample) cancels out of the difference."""
+    a, b, t = (np.asarray(v, float) for v in (pred_a, pred_b, truth))
+    out = {"n": len(t)}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for name, fn in METRICS.items():
+            out[name] = float(fn(a, t) - fn(b, t))
+            boot = scipy.stats.bootstrap((a, b, t), lambda a, b, t: fn(a, t) - fn(b, t),
+                                         paired=True, vectorized=False, n_resamples=n_boot,
+                                         method="percentile", rng=np.random.default_rng(seed))
+            bounds = np.nanpercentile(boot.bootstrap_distribution, [2.5, 97.5])
+            out[f"{name}_ci"] = [float(v) for v in bounds]
+    return out
+
+
 def size_floors(truth: dict[str, float], preset: train_stages.Preset) -> dict:
     """Rank metrics of FLOPs and of parameter count against the ground truth: rankings that cost
     no training, which a supernet must beat to be worth its own."""
@@ -434,6 +452,18 @@ def make_probe(preset: train_stages.Preset, data, truth: dict[str, float]):
         accs = evaluate_archs(st, archs, calib, evals)
         return rank_metrics(list(accs.values()), [truth[c] for c in accs], n_boot=0)
     return probe
+
+
+def make_scorer(preset: train_stages.Preset, data):
+    """`score(net)`: top-1 of a static net after exact BN recalibration, on the probe's
+    calibration and held-out sets (the training loop's way to compare two nets)."""
+    calib = data.calib_batches(preset.probe_calib_batches, preset.calib_batch_size, seed=1)
+    evals = data.eval_batches(preset.probe_eval_images)
+
+    def score(net: nn.Module) -> float:
+        calibrate_bn(net, None, calib)
+        return accuracy(net, None, evals)
+    return score
 
 
 # ---------------------------------------------------------------- files

@@ -209,7 +209,8 @@ def train_run(run_dir: Path, config: dict, data, device: str, log, probe=None) -
     try:
         if ckpt.exists():
             train_stages.load_checkpoint(st, ckpt)
-        return train_stages.train(st, data, run_dir, log, probe)
+        return train_stages.train(st, data, run_dir, log, probe,
+                                  evaluate.make_scorer(st.preset, data))
     except train_stages.Stopped as e:
         log("end", status="interrupted", message=f"{e}; continue with --resume")
         typer.echo(f"{e}: checkpoint {ckpt}; continue with --resume", err=True)

@@ -255,8 +255,10 @@ def paper_phases(stage: str, aps: str) -> list[Phase]:
     if stage in ("aps_width", "ps_width"):
         return [Phase(stage, f"{stage}/{i + 1}", e, lr, APS_K, FULL_DEPTHS, w)
                 for i, (e, lr, w) in enumerate(APS_WIDTH)]
-    if stage == "spos":  # the same budget in epochs as APS depth + width, one path per step
-        return [Phase(stage, "spos", SPOS_EPOCHS, 0.004, 1)]
+    if stage == "spos":
+        # compute-matched to APS depth + width: those run K paths per step, SPOS runs one, so
+        # it gets K times their epochs: as many forward/backward passes (and K times the images)
+        return [Phase(stage, "spos", SPOS_EPOCHS * APS_K, 0.004, 1)]
     if stage == "cpt":
         return [Phase(stage, "cpt", 30, 0.001, 1)]
     if stage in SSE_STAGES:
@@ -596,14 +598,14 @@ def sse_step(st: TrainState, phase: Phase, x, y, distiller: nn.Module | None):
     """Sub-supernet Enhancing (Sec. 2.3, 3.4): 0.4 CE + 0.2 pool CE + 0.4 KD ("Dis").
 
     Our readings: the pool term is the mean over the pool (as in CPT); each sub-supernet keeps
-    the CPT pool's members inside its region and goes on with NSAS's rule on its own samples;
-    KD is Hinton's KL(teacher || student) at temperature 1 with `distiller` as the teacher.
-    Without KD the weights are 0.6 CE + 0.4 pool CE (the paper does not say; we keep the pool
-    term's share of the CE).
+    the CPT pool's members inside its region and goes on with NSAS's rule on its own samples
+    only (`begin_phase`); KD is Hinton's KL(teacher || student) at temperature 1 with
+    `distiller` as the teacher. Without KD the paper gives no weights: we drop the KD term and
+    scale the other two to sum to 1 with the paper's 2 : 1 ratio, 2/3 CE + 1/3 pool CE.
     """
     arch = sample_in(st, phase)
     st.pool.update(arch)
-    w_ce, w_pool = (0.4, 0.2) if distiller is not None else (0.6, 0.4)
+    w_ce, w_pool = (0.4, 0.2) if distiller is not None else (2 / 3, 1 / 3)
     with autocast(x.device):
         logits = st.net(x, arch)
         loss = F.cross_entropy(logits, y)
@@ -643,6 +645,25 @@ def split_for_sse(st: TrainState, stage: str) -> None:
     st.current_sub = len(groups)
     st.sse_stage = stage
     st.cpt_members = [supernet.encode(a) for a in st.pool.members]
+
+
+def choose_kd_teacher(st: TrainState, score, log) -> None:
+    """SSE's teacher: the warm-up's full net, or the supernet's largest subnet as APS and CPT
+    left it, whichever `score` finds more accurate; both top-1s go to the log.
+
+    The paper distils from the pretrained ResNet-48 the challenge handed out. Our warm-up
+    stands in for it, and at small budgets it can be weaker than the largest subnet after the
+    stages that follow it; a weaker teacher would pull SSE down, so we take the stronger one.
+    """
+    if not st.kd or st.kd_teacher is None or score is None:
+        return
+    warm = distillation_teacher(st)
+    largest = supernet.extract_subnet(st.net, supernet.MAX_ARCH)
+    warm_top1, largest_top1 = score(warm), score(largest)
+    chosen = "largest subnet" if largest_top1 > warm_top1 else "warm-up"
+    if largest_top1 > warm_top1:
+        st.kd_teacher = {k: v.clone() for k, v in largest.state_dict().items()}
+    log("kd_teacher", warmup_top1=warm_top1, largest_subnet_top1=largest_top1, chosen=chosen)
 
 
 def distillation_teacher(st: TrainState) -> nn.Module | None:
@@ -887,16 +908,18 @@ def train_step(st: TrainState, phase: Phase, data, key: int, distiller):
 # What a phase needs before its first step and what it leaves behind after its last, in one
 # place, so that `run_phase` is the loop and nothing else.
 
-def begin_phase(st: TrainState, phase: Phase, log) -> nn.Module | None:
+def begin_phase(st: TrainState, phase: Phase, log, score=None) -> nn.Module | None:
     """Set a phase up (again, when a run resumes inside it); SSE's distillation teacher, if any."""
     distiller = None
     if phase.stage in SSE_STAGES:
         if st.sse_stage != phase.stage:
+            choose_kd_teacher(st, score, log)
             split_for_sse(st, phase.stage)
         swap_sub(st, phase.sub)
         if st.step == 0:  # each sub-supernet's pool starts from the CPT members in its region
             members = [supernet.decode(c) for c in st.cpt_members]
             st.pool.members = [m for m in members if sse_owner(m, phase.stage) == phase.sub]
+            st.pool.recent.clear()  # and admits only its own samples, never the last stage's
         distiller = distillation_teacher(st)
         if st.kd and distiller is None:
             log("warning", message=f"{phase.name}: distillation asked for, but no warm-up ran "
@@ -947,11 +970,12 @@ def probes_allowed(phase: Phase) -> bool:
 
 # ---------------------------------------------------------------- the loop
 
-def train(st: TrainState, data, run_dir: Path | None, log, probe=None) -> TrainState:
+def train(st: TrainState, data, run_dir: Path | None, log, probe=None, score=None) -> TrainState:
     """Run every phase of `st.stages` from the state's position; checkpoint as it goes.
 
     `probe(st)` (optional) returns rank metrics of a probe set, logged as `rank` events every
-    `preset.probe_every` steps and at every phase end. Ctrl-C finishes the current step, writes
+    `preset.probe_every` steps and at every phase end. `score(net)` (optional) is the top-1 of
+    a static net with its BN recalibrated: SSE uses it to choose its distillation teacher. Ctrl-C finishes the current step, writes
     a checkpoint and raises Stopped; a second Ctrl-C interrupts at once.
     """
     phases = st.phases()
@@ -976,7 +1000,7 @@ def train(st: TrainState, data, run_dir: Path | None, log, probe=None) -> TrainS
                 stage_started = time.perf_counter()
                 if st.step == 0:
                     log("stage_start", stage=phase.stage)
-            run_phase(st, phase, data, log, ckpt, probe if probes_allowed(phase) else None)
+            run_phase(st, phase, data, log, ckpt, probe if probes_allowed(phase) else None, score)
             end_phase(st, phase, last)
             st.phase_index += 1
             st.step = 0
@@ -992,14 +1016,15 @@ def train(st: TrainState, data, run_dir: Path | None, log, probe=None) -> TrainS
     return st
 
 
-def run_phase(st: TrainState, phase: Phase, data, log, ckpt: Path | None, probe) -> None:
+def run_phase(st: TrainState, phase: Phase, data, log, ckpt: Path | None, probe,
+              score=None) -> None:
     """The loop of one phase: lr, step, log, checkpoint, probe, and Ctrl-C."""
     preset = st.preset
     steps = phase_length(phase, preset, data.train_size)
     log("phase_start", stage=phase.stage, phase=phase.name, index=st.phase_index + 1,
         of=len(st.phases()), steps=steps, lr=phase.lr, k=phase.k, space=phase.space(),
         sub=phase.sub, resumed_at=st.step)
-    distiller = begin_phase(st, phase, log)
+    distiller = begin_phase(st, phase, log, score)
     key = mix_seed(st.seed, st.phase_index)
     pending, seen, loss = [], 0, None
     t0 = started = time.perf_counter()

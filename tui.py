@@ -180,6 +180,10 @@ class RunState:
         self._say(e, f"noise ceiling: kendall {_num(e.get('kendall'), '.3f')}; seed vs seed "
                      f"{_num(seeds.get('kendall'), '.3f')} (n {e.get('n')})")
 
+    def _kd_teacher(self, e: dict) -> None:
+        self._say(e, f"SSE teacher: warm-up {_num(e.get('warmup_top1'), '.3f')}, largest subnet "
+                     f"{_num(e.get('largest_subnet_top1'), '.3f')}: the {e.get('chosen')}")
+
     def _checkpoint(self, e: dict) -> None:
         self._say(e, f"checkpoint {e.get('phase') or e.get('stage')} step {e.get('step')}: {e.get('path')}")
 
@@ -200,7 +204,7 @@ class RunState:
     HANDLERS = {
         "run_start": _run_start, "stage_start": _stage_start, "phase_start": _phase_start,
         "progress": _progress, "groundtruth": _activity, "evaluate": _activity,
-        "pool": _pool, "rank": _rank, "noise_ceiling": _noise_ceiling,
+        "pool": _pool, "rank": _rank, "noise_ceiling": _noise_ceiling, "kd_teacher": _kd_teacher,
         "checkpoint": _checkpoint, "warning": _warning, "phase_end": _phase_end,
         "stage_end": _stage_end, "end": _end,
     }

@@ -17,7 +17,7 @@ QUICK = replace(MICRO, name="quick", epoch_scale=0.004, warmup_epochs=0.0625, gt
 def run_ablation(tmp_path, variants):
     ablation.main(preset="quick", variants=variants, gt_n=3, seed=0, device="cpu", data_dir=None,
                   runs=tmp_path / "runs", out=tmp_path / "results")
-    return json.loads((tmp_path / "results" / "ablation-fashion-mnist-cpu.json").read_text())
+    return json.loads((tmp_path / "results" / "ablation-quick-cpu.json").read_text())
 
 
 def test_ablation_chains_variants_and_never_trains_twice(tmp_path, monkeypatch, micro_data):
@@ -37,7 +37,7 @@ def test_ablation_chains_variants_and_never_trains_twice(tmp_path, monkeypatch, 
     monkeypatch.setattr(train_stages, "train", no_training)
     again = run_ablation(tmp_path, "APS_v3+CPT")
     assert again["rows"][2]["accs"] == rows["APS_v3+CPT"]["accs"]
-    md = (tmp_path / "results" / "ablation-fashion-mnist-cpu.md").read_text()
+    md = (tmp_path / "results" / "ablation-quick-cpu.md").read_text()
     assert "| APS_v3+CPT |" in md
 
 

@@ -56,6 +56,20 @@ def test_rank_metrics_match_hand_computed_values():
     assert "kendall_ci" not in perfect
 
 
+def test_paired_difference_is_the_metric_difference_with_an_interval_around_it():
+    rng = random.Random(0)
+    truth = [rng.random() for _ in range(30)]
+    good = [t + 0.05 * rng.random() for t in truth]
+    poor = [t + 0.8 * rng.random() for t in truth]
+    d = evaluate.paired_difference(good, poor, truth, n_boot=300)
+    for name in evaluate.METRICS:
+        fn = evaluate.METRICS[name]
+        assert d[name] == pytest.approx(fn(good, truth) - fn(poor, truth))
+        assert 0 < d[f"{name}_ci"][0] <= d[name] <= d[f"{name}_ci"][1]
+    same = evaluate.paired_difference(good, good, truth, n_boot=100)
+    assert same["kendall"] == 0 and same["kendall_ci"] == [0.0, 0.0]
+
+
 def test_ground_truth_cache_skips_trained_archs_and_resumes(tmp_path, monkeypatch, micro_data):
     calls = []
 

@@ -46,6 +46,13 @@ def test_aps_versions_differ_exactly_where_the_paper_says():
     assert [p.widths[3] for p in train_stages.stage_phases("aps_width", MICRO)] == [(1, 2, 3), (1, 2, 3, 4, 5), supernet.WIDTH_CODES[3]]
 
 
+def test_spos_runs_as_many_forward_backward_passes_as_aps():
+    def passes(stages):
+        return sum(train_stages.phase_length(p, MICRO, 60000) * p.k
+                   for s in stages for p in train_stages.stage_phases(s, MICRO))
+    assert passes(["spos"]) == pytest.approx(passes(["aps_depth", "aps_width"]), rel=0.01)
+
+
 def test_sse_routes_every_depth_combination_to_the_region_the_paper_lists():
     paper34 = {0: ["22", "23", "24"], 1: ["32", "42", "52", "62", "72", "82"], 2: ["83", "84", "85"],
                3: ["25", "35", "45", "55", "65", "75"]}
@@ -112,6 +119,68 @@ def test_pool_losses_send_gradients_into_the_shared_weights(micro_data):
     assert archs[0].depths[3] == 2 and len(losses) == 1 + len(st.pool.members)
     # blocks 3-5 of stage 4 ran only in the pool's deep member
     assert st.net.stages[3][4].conv1.weight.grad.abs().sum() > 0
+
+
+def test_each_sse_sub_supernet_pool_holds_only_archs_of_its_own_region():
+    st = train_stages.new_state(MICRO, ("cpt", "sse34"), 0, "cpu")
+    rng = random.Random(0)
+    for _ in range(300):  # CPT: samples from the whole space fill the pool and its recent list
+        st.pool.update(supernet.sample_arch(rng))
+    train_stages.split_for_sse(st, "sse34")
+    for phase in train_stages.stage_phases("sse34", MICRO):
+        st.step = 0
+        train_stages.begin_phase(st, phase, lambda *a, **k: None)
+        for _ in range(60):
+            st.pool.update(train_stages.sample_in(st, phase))
+        owners = {train_stages.sse_owner(a, "sse34") for a in st.pool.members}
+        assert owners == {phase.sub} and len(st.pool.members) == st.pool.size
+        train_stages.end_phase(st, phase, last=False)
+
+
+def flat_grad(net):
+    return torch.cat([torch.zeros_like(p).flatten() if p.grad is None else p.grad.flatten()
+                      for p in net.parameters()])
+
+
+def test_sse_without_distillation_weighs_ce_and_pool_two_to_one(monkeypatch, micro_data):
+    st = train_stages.new_state(MICRO, ("sse34",), 0, "cpu", kd=False)
+    a, b = arch_with((2, 2, 2, 2), widths=3), arch_with((5, 5, 8, 5))
+    st.pool.size, st.pool.members = 1, [b]  # a full pool of one that `a` cannot displace
+    monkeypatch.setattr(train_stages, "sample_in", lambda st, phase: a)
+    x, y = micro_data.train_batch(0, 0, 16)
+    grads = []
+    for arch in (a, b):
+        st.net.zero_grad(set_to_none=False)
+        torch.nn.functional.cross_entropy(st.net(x, arch), y).backward()
+        grads.append(flat_grad(st.net).clone())
+    st.net.zero_grad(set_to_none=False)
+    phase = train_stages.stage_phases("sse34", MICRO)[0]
+    archs, _ = train_stages.sse_step(st, phase, x, y, None)
+    assert archs == [a, b]
+    expected = 2 / 3 * grads[0] + 1 / 3 * grads[1]
+    # float sums in another order agree to about 1e-6 of the norm; 0.6 / 0.4 is 20% off
+    assert (flat_grad(st.net) - expected).norm() < 1e-4 * expected.norm()
+
+
+def test_sse_distils_from_the_stronger_of_warm_up_and_largest_subnet(micro_data):
+    st = train_stages.new_state(MICRO, ("warmup", "cpt", "sse34"), 0, "cpu")
+    warm = train_stages.stage_phases("warmup", MICRO)[0]
+    train_stages.end_phase(st, warm, last=True)  # the warm-up's net becomes the teacher
+    warm_teacher = {k: v.clone() for k, v in st.kd_teacher.items()}
+    with torch.no_grad():
+        st.net.fc.bias.add_(1.0)  # the supernet moves on after the warm-up
+    events = []
+
+    def log(event, **fields):
+        events.append((event, fields))
+
+    for scores, chosen in (([0.7, 0.5], "warm-up"), ([0.5, 0.7], "largest subnet")):
+        answers = iter(scores)
+        train_stages.choose_kd_teacher(st, lambda net: next(answers), log)
+        assert events[-1] == ("kd_teacher", {"warmup_top1": scores[0], "largest_subnet_top1": scores[1],
+                                             "chosen": chosen})
+    assert torch.equal(st.kd_teacher["fc.bias"], st.net.fc.bias) and not torch.equal(
+        warm_teacher["fc.bias"], st.kd_teacher["fc.bias"])
 
 
 def run_micro(tmp_path, probe=None, stages=STAGES):
