@@ -378,7 +378,8 @@ def build_ground_truth(run_dir: Path, preset: train_stages.Preset, data, log, n:
     archs = pick_archs(n, seed, preset, stratified)
     truth, ceiling = ground_truth(gt, archs, seeds, preset, data, log)
     if ceiling:
-        log("noise_ceiling", **{k: ceiling["ceiling"][k] for k in ("pearson", "kendall", "spearman", "n")},
+        top = ceiling["ceiling"]
+        log("noise_ceiling", **{k: top[k] for k in ("pearson", "kendall", "spearman", "n")},
             seed_vs_seed={k: ceiling["seed_vs_seed"][k] for k in METRICS})
     return truth, ceiling
 
@@ -507,7 +508,8 @@ def machine_name(device) -> str:
         return torch.cuda.get_device_name(torch.device(device))
     try:  # platform.processor() is empty on most Linux machines
         with open("/proc/cpuinfo") as f:
-            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+            names = (line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+            return next(names)
     except (OSError, StopIteration):
         return platform.processor() or "cpu"
 

@@ -101,7 +101,8 @@ def load_run_config(name: str, runs: Path) -> tuple[Path, dict, train_stages.Pre
 
 
 def load_dataset(preset: train_stages.Preset, device: str, data_dir: Path | None):
-    if data_dir is not None and not data_dir.is_dir() and preset.dataset not in ("cifar10", "cifar100"):
+    downloads = preset.dataset in ("cifar10", "cifar100")  # torchvision makes their folder
+    if data_dir is not None and not data_dir.is_dir() and not downloads:
         die(f"--data-dir {data_dir} is not a folder")
     train_stages.set_threads(preset)
     try:
@@ -114,11 +115,13 @@ class Console:
     """The event log, echoed to the terminal: a rich progress bar per phase, a line per phase."""
 
     def __init__(self, log: train_stages.EventLog, quiet: bool):
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+        from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
+                                   TimeRemainingColumn)
         self.log = log
         self.quiet = quiet
         self.bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                            TextColumn("{task.fields[info]}"), TimeRemainingColumn(), transient=True)
+                            TextColumn("{task.fields[info]}"), TimeRemainingColumn(),
+                            transient=True)
         self.task = None
 
     def __call__(self, event: str, **f) -> dict:
@@ -165,9 +168,10 @@ def parse_arch(code: str) -> supernet.Arch:
 
 
 @app.command()
-def arch(code: str = typer.Argument(..., help="52-character arch code (or 51 without the leading '1')"),
-         image_size: int = typer.Option(224, help="input size: 224 (ImageNet), 32 (CIFAR), 28 or 14 "
-                                                  "(Fashion-MNIST)"),
+def arch(code: str = typer.Argument(..., help="52-character arch code "
+                                              "(or 51 without the leading '1')"),
+         image_size: int = typer.Option(224, help="input size: 224 (ImageNet), 32 (CIFAR), "
+                                                  "28 or 14 (Fashion-MNIST)"),
          as_json: bool = typer.Option(False, "--json", help="print one JSON object")):
     """Decode an arch code: depths, channels of every layer, FLOPs and parameters."""
     a = parse_arch(code)
@@ -202,7 +206,8 @@ def sample(archs_n: int = typer.Option(10, "--archs-n", min=1, help="how many co
 
 # ---------------------------------------------------------------- the pipeline's steps
 
-def train_run(run_dir: Path, config: dict, data, device: str, log, probe=None) -> train_stages.TrainState:
+def train_run(run_dir: Path, config: dict, data, device: str, log,
+              probe=None) -> train_stages.TrainState:
     """Train from the run's checkpoint if it has one, else from scratch; exits cleanly on Ctrl-C."""
     st = train_stages.state_from_config(config, device)
     ckpt = train_stages.last_checkpoint(run_dir)
@@ -284,7 +289,8 @@ def run_setup(preset_name, stages, method, aps, kd, seed, device):
 @app.command()
 def train(preset: str = PresetOpt, name: str = NameOpt,
           stages: str = StagesOpt, method: str = MethodOpt, aps: str = ApsOpt, kd: bool = KdOpt,
-          seed: int = 0, resume: bool = typer.Option(False, help="continue the run from its checkpoint"),
+          seed: int = 0,
+          resume: bool = typer.Option(False, help="continue the run from its checkpoint"),
           device: str = DeviceOpt, data_dir: Path = DataDirOpt, quiet: bool = False):
     """Train the supernet through the chosen stages, writing runs/NAME."""
     p, chosen, device, config = run_setup(preset, stages, method, aps, kd, seed, device)
@@ -305,7 +311,8 @@ def groundtruth(preset: str = PresetOpt, name: str = NameOpt,
                                                "truth is their mean, 2 give the noise ceiling"),
                 stratified: bool = typer.Option(False, help="one arch per FLOPs stratum instead "
                                                             "of uniform (inflates correlations)"),
-                seed: int = 0, device: str = DeviceOpt, data_dir: Path = DataDirOpt, quiet: bool = False):
+                seed: int = 0, device: str = DeviceOpt, data_dir: Path = DataDirOpt,
+                quiet: bool = False):
     """Train archs stand-alone (cached in runs/NAME/groundtruth.json); report the noise ceiling."""
     p = get_preset(preset)
     data = load_dataset(p, pick_device(device), data_dir)
@@ -325,8 +332,10 @@ def groundtruth(preset: str = PresetOpt, name: str = NameOpt,
 
 @app.command(name="evaluate")
 def evaluate_cmd(name: str = NameOpt,
-                 archs: Path = typer.Option(None, help="challenge-format JSON of archs to evaluate"),
-                 out: Path = typer.Option(None, help="write the archs file back with acc filled in"),
+                 archs: Path = typer.Option(None,
+                                            help="challenge-format JSON of archs to evaluate"),
+                 out: Path = typer.Option(None,
+                                          help="write the archs file back with acc filled in"),
                  device: str = DeviceOpt, data_dir: Path = DataDirOpt, quiet: bool = False):
     """Evaluate archs with the trained supernet (BN recalibrated per arch); write results.json."""
     codes = None
@@ -345,7 +354,8 @@ def evaluate_cmd(name: str = NameOpt,
     except ValueError as e:
         die(str(e))
     if codes is None and not truth:
-        die(f"run {name!r} has no ground truth for preset {preset.name}; run groundtruth or pass --archs")
+        die(f"run {name!r} has no ground truth for preset {preset.name}; "
+            "run groundtruth or pass --archs")
     st = trained_state(run_dir, config, device)
     log = Console(train_stages.EventLog(run_dir / "events.jsonl"), quiet)
     wanted = list(dict.fromkeys(codes.values())) if codes else list(truth)
@@ -370,7 +380,8 @@ def report(name: str = NameOpt):
         results = json.loads((run_dir / "results.json").read_text())
         results["metrics"]
     except (OSError, ValueError, KeyError):
-        die(f"run {name!r} has no ground-truth results yet: run `nas.py evaluate --name {name}` first")
+        die(f"run {name!r} has no ground-truth results yet: "
+            f"run `nas.py evaluate --name {name}` first")
     try:
         path = evaluate.write_report(run_dir, config, results)
     except (KeyError, TypeError):
@@ -415,7 +426,8 @@ def watch_in_tui(run_dir: Path, name: str, args: list[str]) -> None:
         args += ["--name", name]
     command = [sys.executable, str(Path(__file__).resolve()), "all", *args, "--no-tui", "--resume"]
     with open(run_dir / "console.log", "a") as out:
-        proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL)
     tui.run_tui(run_dir, proc)
     if proc.poll() is not None and (run_dir / "report.md").exists():
         typer.echo(f"report: {run_dir / 'report.md'}")

@@ -185,7 +185,8 @@ class RunState:
                      f"{_num(e.get('largest_subnet_top1'), '.3f')}: the {e.get('chosen')}")
 
     def _checkpoint(self, e: dict) -> None:
-        self._say(e, f"checkpoint {e.get('phase') or e.get('stage')} step {e.get('step')}: {e.get('path')}")
+        self._say(e, f"checkpoint {e.get('phase') or e.get('stage')} step {e.get('step')}: "
+                     f"{e.get('path')}")
 
     def _warning(self, e: dict) -> None:
         self._say(e, f"warning: {e.get('message')}")
@@ -226,11 +227,13 @@ def phase_text(s: RunState) -> str:
     lines = [f"stage {s.stage or '-'}  phase {s.phase_name or '-'}{of}",
              f"k {p.get('k', '-')}{sub}" if p else "",
              *s.space,
-             f"step {q.get('step', 0)}/{q.get('steps') or p.get('steps', '-')}  epoch {_num(q.get('epoch'), '.2f')}",
+             f"step {q.get('step', 0)}/{q.get('steps') or p.get('steps', '-')}  "
+             f"epoch {_num(q.get('epoch'), '.2f')}",
              f"loss {_num(q.get('loss'), '.4f')}  lr {_num(q.get('lr', p.get('lr')), '.2e')}",
              f"{_num(q.get('ips'), '.0f')} img/s"]
     if "queue_fill" in q or "ema_momentum" in q:  # Pi-NAS stages only
-        lines.append(f"queue {_num(q.get('queue_fill'), '.0%')}  ema {_num(q.get('ema_momentum'), '.4f')}")
+        lines.append(f"queue {_num(q.get('queue_fill'), '.0%')}  "
+                     f"ema {_num(q.get('ema_momentum'), '.4f')}")
     return "\n".join(line for line in lines if line)
 
 
@@ -248,14 +251,17 @@ def pool_text(pool: dict) -> str:
         return "no constraint pool yet"
     return (f"size {pool.get('size')}  mean {_num(pool.get('mean_dist'), '.1f')}"
             f"  min {_num(pool.get('min_dist'), '.1f')}\n"
-            f"novelty {_num(pool.get('novelty'), '.1f')}  ({pool.get('stage')} step {pool.get('step')})")
+            f"novelty {_num(pool.get('novelty'), '.1f')}  "
+            f"({pool.get('stage')} step {pool.get('step')})")
 
 
 def rank_text(rank: dict, ceiling: dict) -> str:
-    lines = [f"pearson {_num(rank.get('pearson'), '.3f')}  kendall {_num(rank.get('kendall'), '.3f')}",
+    lines = [f"pearson {_num(rank.get('pearson'), '.3f')}  "
+             f"kendall {_num(rank.get('kendall'), '.3f')}",
              f"spearman {_num(rank.get('spearman'), '.3f')}  n {rank.get('n', '-')}"]
     if ceiling:
-        lines.append(f"ceiling P {_num(ceiling.get('pearson'), '.2f')} τ {_num(ceiling.get('kendall'), '.2f')}"
+        lines.append(f"ceiling P {_num(ceiling.get('pearson'), '.2f')} "
+                     f"τ {_num(ceiling.get('kendall'), '.2f')}"
                      f" ρ {_num(ceiling.get('spearman'), '.2f')}")
     return "\n".join(lines)
 
@@ -304,7 +310,8 @@ class NasApp(App):
         yield Footer()
 
     def on_mount(self) -> None:
-        titles = {"phase-panel": "phase", "pool-panel": "constraint pool", "rank-panel": "rank", "log-panel": "log"}
+        titles = {"phase-panel": "phase", "pool-panel": "constraint pool", "rank-panel": "rank",
+                  "log-panel": "log"}
         for panel_id, title in titles.items():
             self.query_one(f"#{panel_id}").border_title = title
         self.query_one("#pool-members", DataTable).add_columns("#", "arch")
@@ -353,7 +360,8 @@ class NasApp(App):
     def _status_word(self) -> str:
         s, p = self.state, self.trainer
         status = str(s.end.get("status")) if s.end else "running"
-        word = END_WORDS.get(status, status) if s.last_time is not None else "waiting for events.jsonl"
+        word = (END_WORDS.get(status, status) if s.last_time is not None
+                else "waiting for events.jsonl")
         if p is None:
             quiet = time.time() - (s.last_time or time.time())
             word += f", last event {_ago(quiet)} ago" if not s.end and quiet > QUIET_SECONDS else ""

@@ -1,8 +1,10 @@
 """The papers' ablation on one dataset and one budget, against one ground truth.
 
-    python bench/ablation.py --preset tiny                  # CPU: proves the machinery, not the method
+    python bench/ablation.py --preset tiny                  # CPU: proves the machinery,
+                                                            # not the method
     python bench/ablation.py --preset cifar                 # one GPU: the real table
-    python bench/ablation.py --preset fashion --data-dir D  # the same budget on Fashion-MNIST (D: its four .gz files)
+    python bench/ablation.py --preset fashion --data-dir D  # the same budget on Fashion-MNIST
+                                                            # (D: its four .gz files)
 
 Variants (APS/CPT/SSE paper, Tables 1-3, and Π-NAS): SPOS, PS, APS_v1, APS_v2, APS_v3, +CPT,
 +SSE4, +SSE34, +SSE34+Dis, Π-NAS, and Π-NAS followed by APS_v3+CPT+SSE34+Dis; and FLOPs and
@@ -12,8 +14,8 @@ costs little more than its longest chain. Training times are reported whole: a v
 stages plus those of the chain it starts from.
 
 Everything lands in runs/ablation-<preset>/ (ground truth, one checkpoint per variant, events),
-so a killed ablation run again skips what is done. Writes bench/results/ablation-<dataset>-<device>.json
-and .md.
+so a killed ablation run again skips what is done. Writes
+bench/results/ablation-<dataset>-<device>.json and .md.
 """
 
 import json
@@ -49,11 +51,12 @@ VARIANTS = {
 }
 # chain links that are not variants themselves
 BASES = {"warm-up": (("warmup",), "v3", False, None), "Pi-NAS-pre": (("pinas",), "v3", False, None)}
-PAPER_PEARSON = {"PS": 0.79884, "APS_v2": 0.80141, "APS_v3": 0.80263, "APS_v3+CPT": 0.81415, "+SSE4": 0.82166,
-                 "+SSE34": 0.83768, "+SSE34+Dis": 0.84652}
+PAPER_PEARSON = {"PS": 0.79884, "APS_v2": 0.80141, "APS_v3": 0.80263, "APS_v3+CPT": 0.81415,
+                 "+SSE4": 0.82166, "+SSE34": 0.83768, "+SSE34+Dis": 0.84652}
 
 
-def train_variant(name: str, preset: train_stages.Preset, data, device: str, folder: Path, log, seed: int) -> tuple:
+def train_variant(name: str, preset: train_stages.Preset, data, device: str, folder: Path, log,
+                  seed: int) -> tuple:
     """The variant's trained state and its whole training time; what is done is never redone:
     a finished variant is loaded, an interrupted one resumed from its last checkpoint."""
     stages, aps, kd, parent = {**BASES, **VARIANTS}[name]
@@ -114,12 +117,14 @@ def differences_table(differences: dict) -> str:
     lines = ["", "", f"{FULL} minus the baseline, paired bootstrap over the same archs:", "",
              "| baseline | pearson | kendall | spearman |", "|---|---|---|---|"]
     for name, d in differences.items():
-        lines.append(f"| {name} | " + " | ".join(evaluate.format_metric(d, k) for k in evaluate.METRICS) + " |")
+        lines.append(f"| {name} | "
+                     + " | ".join(evaluate.format_metric(d, k) for k in evaluate.METRICS) + " |")
     return "\n".join(lines)
 
 
 def table(rows: list[dict], ceiling: dict | None) -> str:
-    lines = ["| variant | pearson | kendall | spearman | n | training s | paper pearson |", "|---|---|---|---|---|---|---|"]
+    lines = ["| variant | pearson | kendall | spearman | n | training s | paper pearson |",
+             "|---|---|---|---|---|---|---|"]
     for r in rows:
         m = r["metrics"]
         cells = [evaluate.format_metric(m, k) for k in evaluate.METRICS]
@@ -139,11 +144,13 @@ def echo(log: train_stages.EventLog):
     def log_and_echo(event: str, **f):
         record = log(event, **f)
         if event == "phase_end":
-            typer.echo(f"  {f['phase']:<20} loss {f['loss'] or float('nan'):.4f}  {f['seconds']:.1f} s")
+            typer.echo(f"  {f['phase']:<20} loss {f['loss'] or float('nan'):.4f}  "
+                       f"{f['seconds']:.1f} s")
         elif event == "warning":
             typer.echo(f"  warning: {f['message']}", err=True)
         elif event == "groundtruth":
-            typer.echo(f"  ground truth {f['done']}/{f['total']}: {f['acc']:.4f} (seed {f['seed']})")
+            typer.echo(f"  ground truth {f['done']}/{f['total']}: {f['acc']:.4f} "
+                       f"(seed {f['seed']})")
         return record
     return log_and_echo
 
@@ -155,12 +162,14 @@ def main(preset: str = typer.Option("cifar", help=", ".join(train_stages.PRESETS
          runs: Path = typer.Option(ROOT / "runs", help="where the ablation's run folder goes"),
          out: Path = typer.Option(ROOT / "bench" / "results", help="where the table goes")):
     if preset not in train_stages.PRESETS:
-        raise typer.BadParameter(f"unknown preset {preset!r}; presets are {', '.join(train_stages.PRESETS)}")
+        raise typer.BadParameter(f"unknown preset {preset!r}; presets are "
+                                 f"{', '.join(train_stages.PRESETS)}")
     p = train_stages.PRESETS[preset]
     chosen = [v.strip() for v in variants.split(",") if v.strip()]
     unknown = [v for v in chosen if v not in VARIANTS]
     if unknown:
-        raise typer.BadParameter(f"unknown variant {unknown[0]!r}; variants are {', '.join(VARIANTS)}")
+        raise typer.BadParameter(f"unknown variant {unknown[0]!r}; variants are "
+                                 f"{', '.join(VARIANTS)}")
     try:
         device = train_stages.pick_device(device)
         train_stages.set_threads(p)
@@ -182,7 +191,8 @@ def main(preset: str = typer.Option("cifar", help=", ".join(train_stages.PRESETS
         rows.append({"variant": name, "metrics": evaluate.rank_metrics([accs[c] for c in truth], y),
                      "seconds": seconds, "stages": list(st.stages), "aps": st.aps, "kd": st.kd,
                      "accs": accs})
-        typer.echo(f"{name:30} kendall {evaluate.format_metric(rows[-1]['metrics'], 'kendall')}  {seconds:.0f} s")
+        typer.echo(f"{name:30} kendall {evaluate.format_metric(rows[-1]['metrics'], 'kendall')}  "
+                   f"{seconds:.0f} s")
     machine = evaluate.machine_name(device)
     differences = paired_differences(rows, truth, p)
     md = table(rows, ceiling) + differences_table(differences)
@@ -197,7 +207,8 @@ def main(preset: str = typer.Option("cifar", help=", ".join(train_stages.PRESETS
         "seed": seed, "ground_truth": truth, "noise_ceiling": ceiling, "targets": verdicts,
         "rows": rows, "differences": differences})
     stem.with_suffix(".md").write_text(f"Ablation, preset {p.name} ({p.dataset}), {machine}, "
-                                       f"{date.today().isoformat()}, n = {len(truth)} archs.\n\n{md}\n")
+                                       f"{date.today().isoformat()}, n = {len(truth)} archs."
+                                       f"\n\n{md}\n")
     typer.echo(f"wrote {stem.with_suffix('.json')} and .md")
 
 

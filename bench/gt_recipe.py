@@ -49,7 +49,8 @@ def budget_row(preset, archs, gt: evaluate.GroundTruth, data, log) -> dict:
                 gt.put(code, preset.dataset, key, seed, acc, time.perf_counter() - t)
             seconds.append(gt.entries[gt.key(code, preset.dataset, key, seed)]["seconds"])
             accs[seed].append(acc)
-        log(f"  {preset.gt_epochs:g} epochs  arch {i + 1}/{len(archs)}  {accs[0][-1]:.4f} {accs[1][-1]:.4f}")
+        log(f"  {preset.gt_epochs:g} epochs  arch {i + 1}/{len(archs)}  "
+            f"{accs[0][-1]:.4f} {accs[1][-1]:.4f}")
     mean = [(a + b) / 2 for a, b in zip(accs[0], accs[1])]
     flops = [supernet.count_flops_params(a, preset.shape)[0] for a in archs]
     seed_vs_seed = evaluate.rank_metrics(accs[0], accs[1])
@@ -59,32 +60,38 @@ def budget_row(preset, archs, gt: evaluate.GroundTruth, data, log) -> dict:
             "acc_min": min(mean), "acc_max": max(mean), "acc_sd": statistics.stdev(mean),
             "seed_diff_mean": statistics.mean(abs(a - b) for a, b in zip(accs[0], accs[1])),
             "seconds_per_net": statistics.mean(seconds),
-            "archs": [supernet.encode(a) for a in archs], "acc_seed0": accs[0], "acc_seed1": accs[1]}
+            "archs": [supernet.encode(a) for a in archs], "acc_seed0": accs[0],
+            "acc_seed1": accs[1]}
 
 
 def table(rows: list[dict]) -> str:
     fm = evaluate.format_metric
     lines = ["| epochs | seed-vs-seed kendall | seed-vs-seed pearson | seed-vs-seed spearman "
-             "| ceiling kendall (2-seed mean) | FLOPs vs mean kendall | top-1 range | mean seed diff "
-             "| s per net | n |", "|---|---|---|---|---|---|---|---|---|---|"]
+             "| ceiling kendall (2-seed mean) | FLOPs vs mean kendall | top-1 range "
+             "| mean seed diff | s per net | n |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         s = r["seed_vs_seed"]
-        lines.append(f"| {r['epochs']:g} | {fm(s, 'kendall')} | {fm(s, 'pearson')} | {fm(s, 'spearman')} "
+        lines.append(f"| {r['epochs']:g} | {fm(s, 'kendall')} | {fm(s, 'pearson')} "
+                     f"| {fm(s, 'spearman')} "
                      f"| {fm(r['ceiling'], 'kendall')} | {fm(r['flops_vs_mean'], 'kendall')} "
                      f"| {r['acc_min']:.4f}-{r['acc_max']:.4f} | {r['seed_diff_mean']:.4f} "
                      f"| {r['seconds_per_net']:.0f} | {r['n']} |")
     return "\n".join(lines)
 
 
-def main(preset: str = typer.Option("small", help="the recipe to vary: a preset's ground-truth settings"),
+def main(preset: str = typer.Option("small", help="the recipe to vary: a preset's "
+                                                  "ground-truth settings"),
          budgets: str = typer.Option("0.5,1,2", help="comma-separated training epochs"),
          archs: int = typer.Option(24, min=3, help="archs, each trained with 2 seeds per budget"),
-         arch_seed: int = typer.Option(1000, help="sampling seed of the archs (the headline set uses 0)"),
-         label_smoothing: float = typer.Option(None, help="override the preset's gt_label_smoothing"),
+         arch_seed: int = typer.Option(1000, help="sampling seed of the archs "
+                                                  "(the headline set uses 0)"),
+         label_smoothing: float = typer.Option(None,
+                                               help="override the preset's gt_label_smoothing"),
          device: str = "cpu", data_dir: Path = typer.Option(None),
          out: Path = ROOT / "bench" / "results"):
     if preset not in train_stages.PRESETS:
-        raise typer.BadParameter(f"unknown preset {preset!r}; presets are {', '.join(train_stages.PRESETS)}")
+        raise typer.BadParameter(f"unknown preset {preset!r}; presets are "
+                                 f"{', '.join(train_stages.PRESETS)}")
     base = train_stages.PRESETS[preset]
     if label_smoothing is not None:
         base = replace(base, gt_label_smoothing=label_smoothing)
@@ -98,14 +105,16 @@ def main(preset: str = typer.Option("small", help="the recipe to vary: a preset'
         typer.echo(table(rows[-1:]))
     md = table(rows)
     typer.echo("\n" + md)
-    name = f"gt-recipe-{preset}" + (f"-ls{label_smoothing:g}" if label_smoothing is not None else "")
+    name = f"gt-recipe-{preset}" + (f"-ls{label_smoothing:g}" if label_smoothing is not None
+                                    else "")
     where = f"{device}, {torch.get_num_threads()} threads"
     out.mkdir(parents=True, exist_ok=True)
     evaluate.write_json_atomic(out / f"{name}.json", {
         "date": date.today().isoformat(), "device": where, "preset": preset, "arch_seed": arch_seed,
         "settings": evaluate.recipe_settings(base, device), "rows": rows})
     (out / f"{name}.md").write_text(f"Ground-truth signal by budget, preset {preset} ({where}), "
-                                    f"{date.today().isoformat()}, {archs} archs (seed {arch_seed}) x 2 seeds.\n\n"
+                                    f"{date.today().isoformat()}, {archs} archs (seed {arch_seed}) "
+                                    f"x 2 seeds.\n\n"
                                     f"{md}\n")
     typer.echo(f"wrote {out / name}.json and .md")
 

@@ -10,7 +10,8 @@ Images are random uint8 tensors kept on the device: speed does not depend on the
 Prints a table, writes bench/results/speed-<cpu|cuda>.json.
 
     python bench/speed.py --preset cifar
-    python bench/speed.py --device cpu --preset tiny --iters 3 --sets 2 --eval-archs 5 --calib-images 256 --eval-images 1000
+    python bench/speed.py --device cpu --preset tiny --iters 3 --sets 2 --eval-archs 5
+        --calib-images 256 --eval-images 1000
 """
 
 import gc
@@ -38,8 +39,10 @@ LR = 0.01  # small enough that random labels keep the losses finite; the value d
 
 
 def on_device(net: torch.nn.Module, dev: torch.device) -> torch.nn.Module:
-    """As training holds nets: channels_last on cuda (train_stages.new_state does the same for the supernet)."""
-    return net.to(dev, memory_format=torch.channels_last if dev.type == "cuda" else torch.contiguous_format)
+    """As training holds nets: channels_last on cuda (train_stages.new_state does the same for the
+    supernet)."""
+    return net.to(dev, memory_format=(torch.channels_last if dev.type == "cuda"
+                                      else torch.contiguous_format))
 
 
 def timed(sync, fn, *args) -> float:
@@ -51,7 +54,8 @@ def timed(sync, fn, *args) -> float:
 
 
 def supernet_step(st: train_stages.TrainState, archs, x, y) -> None:
-    """What train_stages.run_phase does per step of SPOS/PS/APS, less the batch loading and logging."""
+    """What train_stages.run_phase does per step of SPOS/PS/APS, less the batch loading and
+    logging."""
     st.optimizer.zero_grad(set_to_none=True)
     train_stages.ce_step(st, archs, x, y)
     st.optimizer.step()
@@ -66,7 +70,8 @@ def static_steps(nets, optimizers, x, y) -> None:
         opt.step()
 
 
-def training_step_times(st: train_stages.TrainState, x, y, k: int, iters: int, sets: int, sync) -> list[dict]:
+def training_step_times(st: train_stages.TrainState, x, y, k: int, iters: int, sets: int,
+                        sync) -> list[dict]:
     """Per arch set: median seconds of the supernet's K-path step and of the K static steps."""
     rows = []
     for _ in range(sets):
@@ -76,15 +81,18 @@ def training_step_times(st: train_stages.TrainState, x, y, k: int, iters: int, s
         supernet_step(st, archs, x, y)  # warm-up: allocator, kernel choice, momentum buffers
         static_steps(nets, opts, x, y)
         t_super, t_static = [], []
-        for _ in range(iters):  # interleaved, so drift in clocks or machine load hits both sides alike
+        # interleaved, so drift in clocks or machine load hits both sides alike
+        for _ in range(iters):
             t_super.append(timed(sync, supernet_step, st, archs, x, y))
             t_static.append(timed(sync, static_steps, nets, opts, x, y))
         s, t = statistics.median(t_super), statistics.median(t_static)
-        rows.append({"archs": [supernet.encode(a) for a in archs], "supernet_s": s, "static_s": t, "ratio": s / t})
+        rows.append({"archs": [supernet.encode(a) for a in archs], "supernet_s": s, "static_s": t,
+                     "ratio": s / t})
     return rows
 
 
-def eval_throughput(st: train_stages.TrainState, data: TensorData, n_archs: int, calib_images: int, sync) -> dict:
+def eval_throughput(st: train_stages.TrainState, data: TensorData, n_archs: int, calib_images: int,
+                    sync) -> dict:
     bs = st.preset.calib_batch_size
     calib = data.calib_batches(math.ceil(calib_images / bs), bs, seed=0)
     evals = data.eval_batches(0, EVAL_BATCH)
@@ -118,17 +126,21 @@ def peak_memory_mib(step, preset: train_stages.Preset, x, y) -> float:
 
 def time_all(preset_name: str, device: str, data_dir: Path | None) -> dict:
     run = f"bench-speed-{time.strftime('%Y%m%d-%H%M%S')}"
-    cmd = [sys.executable, "nas.py", "all", "--preset", preset_name, "--name", run, "--no-tui", "--device", device]
+    cmd = [sys.executable, "nas.py", "all", "--preset", preset_name, "--name", run, "--no-tui",
+           "--device", device]
     if data_dir is not None:
         cmd += ["--data-dir", str(data_dir.resolve())]
     t = time.perf_counter()
     rc = subprocess.run(cmd, cwd=ROOT).returncode
-    return {"command": " ".join(["python", *cmd[1:]]), "run": run, "seconds": time.perf_counter() - t, "rc": rc}
+    return {"command": " ".join(["python", *cmd[1:]]), "run": run,
+            "seconds": time.perf_counter() - t, "rc": rc}
 
 
-def main(device: str = typer.Option("cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda"),
-         preset: str = typer.Option("cifar", help="net shape and batch size from train_stages.PRESETS: "
-                                                  "tiny, cifar, fashion, paper"),
+def main(device: str = typer.Option("cuda" if torch.cuda.is_available() else "cpu",
+                                    help="cpu or cuda"),
+         preset: str = typer.Option("cifar",
+                                    help="net shape and batch size from train_stages.PRESETS: "
+                                         "tiny, cifar, fashion, paper"),
          batch: int = typer.Option(0, help="training batch (0: the preset's)"),
          k: int = typer.Option(4, help="archs per supernet training step"),
          iters: int = typer.Option(10, help="timed steps per arch set"),
@@ -136,13 +148,15 @@ def main(device: str = typer.Option("cuda" if torch.cuda.is_available() else "cp
          eval_archs: int = typer.Option(20, help="archs evaluated"),
          calib_images: int = typer.Option(2000, help="BN calibration images per arch"),
          eval_images: int = typer.Option(10000, help="held-out images per arch"),
-         all_preset: str = typer.Option(None, help="also time `nas.py all --preset NAME` (a new run folder)"),
+         all_preset: str = typer.Option(None, help="also time `nas.py all --preset NAME` "
+                                                   "(a new run folder)"),
          data_dir: Path = typer.Option(None, help="--data-dir for that `nas.py all`"),
          seed: int = 0):
     """Training, evaluation and memory cost of the supernet versus static nets of the same archs."""
     for name in (preset, all_preset):
         if name is not None and name not in train_stages.PRESETS:
-            raise typer.BadParameter(f"unknown preset {name!r}; presets are {', '.join(train_stages.PRESETS)}")
+            raise typer.BadParameter(f"unknown preset {name!r}; presets are "
+                                     f"{', '.join(train_stages.PRESETS)}")
     if device not in ("cpu", "cuda") or (device == "cuda" and not torch.cuda.is_available()):
         raise typer.BadParameter(f"device {device!r} is not available here; use cpu or cuda")
     p, dev = train_stages.PRESETS[preset], torch.device(device)
@@ -170,30 +184,37 @@ def main(device: str = typer.Option("cuda" if torch.cuda.is_available() else "cp
     ratio = statistics.median(r["ratio"] for r in rows)
     name, threads = evaluate.machine_name(dev), torch.get_num_threads()
     precision = "bf16 autocast, channels_last" if dev.type == "cuda" else "fp32"
-    typer.echo(f"{name}, {threads} threads, {precision}; preset {preset}: {s} px x{c}, width x{p.width_mult}, "
-               f"batch {batch}, K {k}, median of {iters} steps per set")
+    typer.echo(f"{name}, {threads} threads, {precision}; preset {preset}: {s} px x{c}, "
+               f"width x{p.width_mult}, batch {batch}, K {k}, median of {iters} steps per set")
     typer.echo(f"{'set':>3}  {'supernet ms':>11}  {'static ms':>9}  {'ratio':>5}")
     for i, r in enumerate(rows, 1):
-        typer.echo(f"{i:3}  {r['supernet_s'] * 1e3:11.1f}  {r['static_s'] * 1e3:9.1f}  {r['ratio']:5.3f}")
+        typer.echo(f"{i:3}  {r['supernet_s'] * 1e3:11.1f}  {r['static_s'] * 1e3:9.1f}  "
+                   f"{r['ratio']:5.3f}")
     typer.echo(f"{'':26}{'supernet':>10}  {'static':>10}  {'ratio':>6}")
-    typer.echo(f"{'train step, ms (median)':26}{t_super * 1e3:10.1f}  {t_static * 1e3:10.1f}  {ratio:6.3f}"
-               f"  (median of set ratios; target <= 1.10 on GPU)")
-    typer.echo(f"{'train images/s (K paths)':26}{k * batch / t_super:10.0f}  {k * batch / t_static:10.0f}")
+    typer.echo(f"{'train step, ms (median)':26}{t_super * 1e3:10.1f}  {t_static * 1e3:10.1f}  "
+               f"{ratio:6.3f}  (median of set ratios; target <= 1.10 on GPU)")
+    typer.echo(f"{'train images/s (K paths)':26}{k * batch / t_super:10.0f}  "
+               f"{k * batch / t_static:10.0f}")
     if memory:
-        typer.echo(f"{'peak MiB, max arch step':26}{memory['supernet_mib']:10.0f}  {memory['static_mib']:10.0f}"
+        typer.echo(f"{'peak MiB, max arch step':26}{memory['supernet_mib']:10.0f}  "
+                   f"{memory['static_mib']:10.0f}"
                    f"  {memory['supernet_mib'] / memory['static_mib']:6.3f}")
     else:
         typer.echo(f"{'peak MiB, max arch step':26}{'n/a on CPU':>10}")
     typer.echo(f"{'eval archs/min':26}{evaluation['archs_per_min']:10.1f}  ({eval_archs} archs in "
-               f"{evaluation['seconds']:.1f} s; {calib_images} calibration + {eval_images} held-out images each)")
+               f"{evaluation['seconds']:.1f} s; {calib_images} calibration + {eval_images} "
+               f"held-out images each)")
 
-    result = {"date": date.today().isoformat(), "device": name, "threads": threads, "precision": precision,
-              "settings": {"preset": preset, "shape": p.shape.__dict__, "batch": batch, "k": k, "iters": iters,
-                           "sets": sets, "eval_archs": eval_archs, "calib_images": calib_images,
+    result = {"date": date.today().isoformat(), "device": name, "threads": threads,
+              "precision": precision,
+              "settings": {"preset": preset, "shape": p.shape.__dict__, "batch": batch, "k": k,
+                           "iters": iters, "sets": sets, "eval_archs": eval_archs,
+                           "calib_images": calib_images,
                            "calib_batch_size": p.calib_batch_size, "eval_images": eval_images,
                            "eval_batch_size": EVAL_BATCH, "seed": seed},
               "train": {"supernet_s": t_super, "static_s": t_static, "median_ratio": ratio,
-                        "images_per_s_supernet": k * batch / t_super, "images_per_s_static": k * batch / t_static,
+                        "images_per_s_supernet": k * batch / t_super,
+                        "images_per_s_static": k * batch / t_static,
                         "sets": rows},
               "eval": evaluation, "peak_memory": memory}
     if all_preset:
@@ -201,7 +222,8 @@ def main(device: str = typer.Option("cuda" if torch.cuda.is_available() else "cp
         if dev.type == "cuda":
             torch.cuda.empty_cache()  # hand our cached blocks to the subprocess
         result["all"] = time_all(all_preset, device, data_dir)
-        typer.echo(f"{result['all']['command']}: {result['all']['seconds']:.0f} s, exit code {result['all']['rc']}")
+        typer.echo(f"{result['all']['command']}: {result['all']['seconds']:.0f} s, "
+                   f"exit code {result['all']['rc']}")
     path = ROOT / "bench" / "results" / f"speed-{dev.type}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=1))

@@ -62,3 +62,34 @@ def test_arch_json_has_the_documented_keys():
     info = json.loads(result.output)
     assert {"depths", "stem", "blocks", "flops", "params"} <= info.keys()
     assert info["params"] == 34043688 and len(info["blocks"]) == 23
+
+
+def test_all_runs_the_pipeline_and_report_rewrites_its_report(runs, monkeypatch, micro_data):
+    from conftest import MICRO
+    monkeypatch.setitem(train_stages.PRESETS, "micro", MICRO)
+    result = runner.invoke(nas.app, ["all", "--preset", "micro", "--name", "m", "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    results = json.loads((runs / "m" / "results.json").read_text())
+    assert results["metrics"]["n"] == MICRO.gt_n == len(results["archs"])
+    assert {"seed_vs_seed", "ceiling"} <= results["noise_ceiling"].keys()
+    report = (runs / "m" / "report.md").read_text()
+    assert "![supernet and FLOPs against the ground truth](scatter.png)" in report
+    assert (runs / "m" / "scatter.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    (runs / "m" / "report.md").unlink()
+    assert runner.invoke(nas.app, ["report", "--name", "m"]).exit_code == 0
+    assert (runs / "m" / "report.md").read_text() == report
+
+
+def test_every_option_of_every_command_passes_through_torchrun_unchanged():
+    import typer.main
+    from torch.distributed.run import get_args_parser
+    parser = get_args_parser()
+    group = typer.main.get_command(nas.app)
+    options = {(name, opt) for name, command in group.commands.items()
+               for param in command.params for opt in param.opts + param.secondary_opts
+               if opt.startswith("-")}
+    assert ("train", "--name") in options and ("all", "--archs-n") not in options
+    for name, opt in sorted(options):
+        argv = ["nas.py", name, opt, "1"]
+        parsed = parser.parse_args(["--nproc_per_node=2"] + argv)
+        assert [parsed.training_script] + parsed.training_script_args == argv, opt
