@@ -179,6 +179,8 @@ class FolderData:
                             "with one sub-folder per class")
         norm = T.Normalize(IMAGENET_MEAN, IMAGENET_STD)
         self.device = torch.device(device)
+        self.mean = torch.tensor(IMAGENET_MEAN)  # what an exported net normalizes with
+        self.std = torch.tensor(IMAGENET_STD)
         self.workers = workers
         self.train = ImageFolder(str(root / "train"), T.Compose(
             [T.RandomResizedCrop(image_size), T.RandomHorizontalFlip(), T.ToTensor(), norm]))

@@ -170,7 +170,7 @@ def size_floors(truth: dict[str, float], preset: train_stages.Preset) -> dict:
     """Rank metrics of FLOPs and of parameter count against the ground truth: rankings that cost
     no training, which a supernet must beat to be worth its own."""
     y = list(truth.values())
-    sizes = [supernet.count_flops_params(supernet.decode(c), preset.shape) for c in truth]
+    sizes = [supernet.size_of(supernet.decode(c), preset.shape) for c in truth]
     return {"flops": rank_metrics([f for f, _ in sizes], y),
             "params": rank_metrics([p for _, p in sizes], y)}
 
@@ -223,24 +223,38 @@ def recipe(preset: train_stages.Preset, device) -> str:
 
 
 def train_standalone(arch: supernet.Arch, preset: train_stages.Preset, data, seed: int) -> float:
-    """Train `arch` from scratch as a static net with the preset's recipe; held-out top-1.
+    """Train `arch` from scratch as a static net with the preset's recipe; held-out top-1."""
+    torch.manual_seed(seed)
+    net = supernet.StaticNet(arch, preset.shape).to(data.device)
+    return train_static(net, preset, data, seed, preset.gt_epochs)
+
+
+def train_static(net: nn.Module, preset: train_stages.Preset, data, seed: int, epochs: float,
+                 checkpoint: Path | None = None) -> float:
+    """Train a static net with the stand-alone recipe for `epochs`; held-out top-1.
 
     SGD with Nesterov momentum and weight decay, the schedule of every phase (linear warm-up,
-    then cosine to 0), the supernet's augmentation, optional label smoothing; `gt_epochs`
-    epochs of the (sub)set. The batches depend only on the seed, so every arch of one seed sees
-    the same images in the same order, and archs differ only by what they are.
+    then cosine to 0), the supernet's augmentation, optional label smoothing. The batches
+    depend only on the seed, so every arch of one seed sees the same images in the same order,
+    and archs differ only by what they are. With `checkpoint`, the net, optimizer and step
+    are saved there every `preset.checkpoint_every` steps and a later call resumes from it.
     """
-    torch.manual_seed(seed)
     device = data.device
-    net = supernet.StaticNet(arch, preset.shape).to(device)
     if device.type == "cuda":
         net = net.to(memory_format=torch.channels_last)
     opt = torch.optim.SGD(net.parameters(), lr=preset.gt_lr, momentum=GT_MOMENTUM,
                           nesterov=GT_NESTEROV, weight_decay=GT_WEIGHT_DECAY)
-    steps = max(1, round(preset.gt_epochs * data.train_size / preset.gt_batch_size))
+    steps = max(1, round(epochs * data.train_size / preset.gt_batch_size))
     key = mix_seed(seed, 0x67)
+    start = 0
+    if checkpoint is not None and checkpoint.exists():
+        blob = torch.load(checkpoint, map_location=device, weights_only=True)
+        net.load_state_dict(blob["net"])
+        opt.load_state_dict(blob["optimizer"])
+        start = blob["step"]
     net.train()
-    for step in range(steps):
+    loss = torch.zeros(())
+    for step in range(start, steps):
         for g in opt.param_groups:
             g["lr"] = train_stages.lr_at(step, steps, preset.gt_lr)
         x, y = data.train_batch(key, step, preset.gt_batch_size)
@@ -249,9 +263,13 @@ def train_standalone(arch: supernet.Arch, preset: train_stages.Preset, data, see
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+        if checkpoint is not None and (step + 1) % preset.checkpoint_every == 0:
+            state = {"net": net.state_dict(), "optimizer": opt.state_dict(), "step": step + 1}
+            train_stages.replace_atomically(checkpoint, lambda tmp: torch.save(state, tmp))
     if not math.isfinite(loss.item()):
-        raise train_stages.TrainingError(f"non-finite loss training {supernet.encode(arch)} "
-                                         f"stand-alone (seed {seed})")
+        code = supernet.encode(net.arch) if hasattr(net, "arch") else "a static net"
+        raise train_stages.TrainingError(f"non-finite loss training {code} stand-alone "
+                                         f"(seed {seed})")
     return accuracy(net, None, data.eval_batches(preset.eval_subset))
 
 
@@ -272,7 +290,7 @@ def pick_archs(n: int, seed: int, preset: train_stages.Preset,
             archs[supernet.sample_arch(rng)] = None
         return list(archs)
     pool = list(dict.fromkeys(supernet.sample_arch(rng) for _ in range(10 * n)))
-    pool.sort(key=lambda a: supernet.count_flops_params(a, preset.shape)[0])
+    pool.sort(key=lambda a: supernet.size_of(a, preset.shape)[0])
     edges = np.linspace(0, len(pool), n + 1).astype(int)
     return [pool[rng.randrange(lo, hi)] for lo, hi in zip(edges[:-1], edges[1:])]
 
@@ -536,7 +554,7 @@ def write_scatter(path: Path, results: dict, preset: train_stages.Preset) -> Pat
 
     rows = results["archs"]
     truth = [r["truth"] for r in rows]
-    flops = [supernet.count_flops_params(supernet.decode(r["arch"]), preset.shape)[0] / 1e6
+    flops = [supernet.size_of(supernet.decode(r["arch"]), preset.shape)[0] / 1e6
              for r in rows]
     fig, (left, right) = plt.subplots(1, 2, figsize=(9, 4), sharey=True)
     left.scatter([r["supernet"] for r in rows], truth, s=14)
@@ -550,6 +568,20 @@ def write_scatter(path: Path, results: dict, preset: train_stages.Preset) -> Pat
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
+
+
+def search_section(summary: dict | None) -> list[str]:
+    """The report's lines on the search under a budget, if the run made one."""
+    if not summary:
+        return []
+    lines = ["## Search", "", f"Evolutionary search under {summary['budget']} (challenge units: "
+             f"full width, 224 px), {summary['evaluated']} archs evaluated.", ""]
+    best = summary["best"]
+    if best is None:
+        return lines + ["No evaluated arch meets the budget.", ""]
+    return lines + [f"Best: `{best['arch']}`, supernet top-1 {best['top1']:.4f}, "
+                    f"{best['flops'] / 1e9:.3f} GFLOPs ({best['preset_flops'] / 1e6:.2f} "
+                    "MFLOPs at this preset).", "", "![the search](search.png)", ""]
 
 
 def write_report(run_dir: Path, config: dict, results: dict) -> Path:
@@ -574,8 +606,9 @@ def write_report(run_dir: Path, config: dict, results: dict) -> Path:
         lines.append(f"| {name} | " + " | ".join(format_metric(c, name) for _, c in columns) + " |")
     lines += ["", CEILING_NOTE if ceiling else "One seed per arch: no noise ceiling.", ""]
     scatter = write_scatter(run_dir / "scatter.png", results, preset)
-    lines += [f"![supernet and FLOPs against the ground truth]({scatter.name})", "",
-              "## Best archs by supernet accuracy", "",
+    lines += [f"![supernet and FLOPs against the ground truth]({scatter.name})", ""]
+    lines += search_section(results.get("search"))
+    lines += ["## Best archs by supernet accuracy", "",
               "| arch | supernet | ground truth |", "|---|---|---|"]
     rows = sorted(results["archs"], key=lambda r: -r["supernet"])
     for r in rows[:10]:

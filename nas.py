@@ -2,12 +2,14 @@
 
     python nas.py all [--preset tiny|small|cifar|fashion|paper] [--tui]   the whole pipeline
     python nas.py train | groundtruth | evaluate | report                  its steps, on a run
+    python nas.py search --name NAME --flops 2.5G | export --name NAME CODE --out net.pt
     python nas.py tui --name NAME                                          watch a run
     python nas.py arch CODE / sample --archs-n N                           the search space
 
 A run lives in runs/NAME/: config.json, events.jsonl (the contract with the UI),
-checkpoints/, groundtruth.json, results.json, report.md. This file parses options, calls the
-library modules and turns their exceptions into one line on stderr and exit code 2.
+checkpoints/, groundtruth.json, results.json, report.md, search.jsonl and search.json. This
+file parses options, calls the library modules and turns their exceptions into one line on
+stderr and exit code 2.
 """
 
 import json
@@ -20,6 +22,7 @@ from pathlib import Path
 import typer
 
 import evaluate
+import search
 import supernet
 import train_stages
 from data import DataError, load_data
@@ -414,8 +417,104 @@ def all_(preset: str = PresetOpt,
     path = evaluate.write_report(run_dir, config, results)
     final = {k: results["metrics"][k] for k in ("pearson", "kendall", "spearman", "n")}
     log("rank", stage="final", step=0, **final)
+    results["search"] = search.run_search(st, data, run_dir, search.default_budget(),
+                                          ALL_SEARCH_POPULATION, ALL_SEARCH_GENERATIONS, seed, log)
+    evaluate.write_json_atomic(run_dir / "results.json", results)
+    path = evaluate.write_report(run_dir, config, results)
     log("end", status="done", message=f"report: {path}")
     print_summary(results, path)
+    print_search(results["search"], run_dir)
+
+
+# `all` ends with a short search under the default budget (half the largest arch's FLOPs)
+ALL_SEARCH_POPULATION = 16
+ALL_SEARCH_GENERATIONS = 4
+
+
+def parse_budget(flops: str | None, params: str | None,
+                 latency_ms: float | None) -> search.Budget:
+    try:
+        budget = search.Budget(
+            flops=search.parse_amount(flops, "--flops") if flops is not None else None,
+            params=search.parse_amount(params, "--params") if params is not None else None,
+            latency_ms=latency_ms)
+        if latency_ms is not None and not latency_ms > 0:
+            raise ValueError(f"--latency-ms must be positive, got {latency_ms:g}")
+        search.check_budget(budget)
+    except ValueError as e:
+        die(str(e))
+    return budget
+
+
+def print_search(summary: dict, run_dir: Path) -> None:
+    best = summary["best"]
+    if best is None:
+        typer.echo(f"search: no evaluated arch meets {summary['budget']}")
+        return
+    typer.echo(f"best under {summary['budget']} ({summary['evaluated']} archs evaluated): "
+               f"{best['arch']}  top-1 {best['top1']:.4f}  {best['flops'] / 1e9:.3f} GFLOPs "
+               f"({best['preset_flops'] / 1e6:.2f} MFLOPs at this preset)")
+    typer.echo(f"search: {run_dir / 'search.json'}, {run_dir / 'search.png'}")
+
+
+@app.command(name="search")
+def search_cmd(name: str = NameOpt,
+               flops: str = typer.Option(None, help="FLOPs budget in the challenge's units "
+                                                    "(full width at 224 px), e.g. 2.5G"),
+               params: str = typer.Option(None, help="parameter budget, same units, e.g. 8M"),
+               latency_ms: float = typer.Option(None, help="latency budget on this machine "
+                                                           "(batch 1, the preset's net)"),
+               population: int = typer.Option(50, min=4),
+               generations: int = typer.Option(20, min=0),
+               seed: int = 0, device: str = DeviceOpt, data_dir: Path = DataDirOpt,
+               quiet: bool = False):
+    """Evolutionary search for the best subnet under a budget (search.json, search.png)."""
+    budget = parse_budget(flops, params, latency_ms)
+    run_dir, config, preset = load_run_config(name, RUNS)
+    device = pick_device(device)
+    data = load_dataset(preset, device, data_dir)
+    st = trained_state(run_dir, config, device)
+    log = Console(train_stages.EventLog(run_dir / "events.jsonl"), quiet)
+    try:
+        summary = search.run_search(st, data, run_dir, budget, population, generations, seed, log)
+    except ValueError as e:
+        die(str(e))
+    print_search(summary, run_dir)
+
+
+@app.command()
+def export(name: str = NameOpt, code: str = typer.Argument(..., help="the arch to export"),
+           out: Path = typer.Option(..., help="net.pt; the torch.export program goes beside "
+                                              "it as net.pt2"),
+           finetune: float = typer.Option(0.0, min=0.0, help="epochs of stand-alone training "
+                                                             "after inheriting"),
+           seed: int = 0, device: str = DeviceOpt, data_dir: Path = DataDirOpt):
+    """Write a subnet with inherited weights and recalibrated BN, optionally fine-tuned."""
+    arch = parse_arch(code)
+    if out.exists():
+        die(f"{out} exists; choose another --out")
+    if not out.parent.is_dir():
+        die(f"--out {out}: folder {out.parent} does not exist")
+    run_dir, config, preset = load_run_config(name, RUNS)
+    device = pick_device(device)
+    data = load_dataset(preset, device, data_dir)
+    st = trained_state(run_dir, config, device)
+    calib = data.calib_batches(preset.calib_batches, preset.calib_batch_size, seed=0)
+    net = search.inherited_subnet(st, arch, calib)
+    top1 = evaluate.accuracy(net, None, data.eval_batches(preset.eval_subset))
+    typer.echo(f"top-1 with inherited weights: {top1:.4f}")
+    if finetune:
+        state = out.with_name(out.name + ".finetune")
+        try:
+            top1 = evaluate.train_static(net, preset, data, seed, finetune, checkpoint=state)
+        except KeyboardInterrupt:
+            die(f"interrupted: run the same command again to go on from {state}", 130)
+        except train_stages.TrainingError as e:
+            die(str(e), 1)
+        state.unlink(missing_ok=True)
+        typer.echo(f"top-1 after {finetune:g} epochs of fine-tuning: {top1:.4f}")
+    paths = search.save_export(out, net, preset, data.mean, data.std)
+    typer.echo(f"wrote {paths[0]} (StaticNet state) and {paths[1]} (torch.export program)")
 
 
 def watch_in_tui(run_dir: Path, name: str, args: list[str]) -> None:

@@ -161,7 +161,7 @@ class RunState:
         self.progress, self.activity = e, {}
 
     def _activity(self, e: dict) -> None:
-        """Ground truth and evaluation: shown in the phase panel instead of training progress."""
+        """Ground truth, evaluation and search: shown in the phase panel instead of training."""
         self.stage, self.phase_name, self.activity = e.get("event"), "", e
 
     def _pool(self, e: dict) -> None:
@@ -205,6 +205,7 @@ class RunState:
     HANDLERS = {
         "run_start": _run_start, "stage_start": _stage_start, "phase_start": _phase_start,
         "progress": _progress, "groundtruth": _activity, "evaluate": _activity,
+        "search": _activity,
         "pool": _pool, "rank": _rank, "noise_ceiling": _noise_ceiling, "kd_teacher": _kd_teacher,
         "checkpoint": _checkpoint, "warning": _warning, "phase_end": _phase_end,
         "stage_end": _stage_end, "end": _end,
@@ -243,6 +244,10 @@ def activity_text(a: dict) -> str:
         arch = str(a.get("arch", ""))
         lines += [f"last {arch[:24]}{'…' if len(arch) > 24 else ''}",
                   f"acc {_num(a.get('acc'), '.4f')}  seed {a.get('seed')}"]
+    if a.get("event") == "search":  # done/total count generations
+        best = str(a.get("best", ""))
+        lines += [f"best {best[:24]}{'…' if len(best) > 24 else ''}",
+                  f"top-1 {_num(a.get('top1'), '.4f')}  {a.get('evaluated')} archs evaluated"]
     return "\n".join(lines)
 
 

@@ -104,7 +104,7 @@ def paired_differences(rows: list[dict], truth: dict, preset) -> dict:
         return {}
     y = list(truth.values())
     full = [accs[FULL][c] for c in truth]
-    flops = [supernet.count_flops_params(supernet.decode(c), preset.shape)[0] for c in truth]
+    flops = [supernet.size_of(supernet.decode(c), preset.shape)[0] for c in truth]
     out = {"FLOPs": evaluate.paired_difference(full, flops, y)}
     if "SPOS" in accs:
         out["SPOS"] = evaluate.paired_difference(full, [accs["SPOS"][c] for c in truth], y)

@@ -52,7 +52,7 @@ def budget_row(preset, archs, gt: evaluate.GroundTruth, data, log) -> dict:
         log(f"  {preset.gt_epochs:g} epochs  arch {i + 1}/{len(archs)}  "
             f"{accs[0][-1]:.4f} {accs[1][-1]:.4f}")
     mean = [(a + b) / 2 for a, b in zip(accs[0], accs[1])]
-    flops = [supernet.count_flops_params(a, preset.shape)[0] for a in archs]
+    flops = [supernet.size_of(a, preset.shape)[0] for a in archs]
     seed_vs_seed = evaluate.rank_metrics(accs[0], accs[1])
     return {"epochs": preset.gt_epochs, "recipe": key, "n": len(archs),
             "seed_vs_seed": seed_vs_seed, "ceiling": evaluate.ceiling_from(seed_vs_seed),

@@ -29,7 +29,8 @@ def test_ablation_chains_variants_and_never_trains_twice(tmp_path, monkeypatch, 
     assert rows["APS_v3+CPT"]["stages"] == ["warmup", "aps_depth", "aps_width", "cpt"]
     # +CPT went on from APS_v3's checkpoint: its time includes APS_v3's whole chain
     assert rows["APS_v3+CPT"]["seconds"] > rows["APS_v3"]["seconds"]
-    checkpoints = {p.name for p in (tmp_path / "runs" / "ablation-quick" / "checkpoints").glob("*.pt")}
+    checkpoints = {p.name for p in
+                   (tmp_path / "runs" / "ablation-quick" / "checkpoints").glob("*.pt")}
     assert checkpoints == {"warm-up.pt", "APS_v3.pt", "APS_v3+CPT.pt"}
 
     def no_training(*args, **kwargs):

@@ -4,10 +4,13 @@ import pytest
 from typer.testing import CliRunner
 
 import nas
+import search
+import supernet
 import train_stages
 
 runner = CliRunner()
-COMMANDS = ["arch", "sample", "train", "groundtruth", "evaluate", "report", "all", "tui"]
+COMMANDS = ["arch", "sample", "train", "groundtruth", "evaluate", "report", "all", "tui", "search",
+            "export"]
 
 
 @pytest.mark.parametrize("command", COMMANDS)
@@ -31,18 +34,28 @@ def runs(tmp_path, monkeypatch):
 
 def test_bad_inputs_get_one_line_and_exit_2(runs, tmp_path):
     one_line_error(runner.invoke(nas.app, ["all", "--preset", "huge"]), "unknown preset 'huge'")
-    one_line_error(runner.invoke(nas.app, ["train", "--preset", "tiny", "--name", "x", "--stages", "aps,zzz"]),
+    one_line_error(runner.invoke(nas.app, ["train", "--preset", "tiny", "--name", "x", "--stages",
+                                           "aps,zzz"]),
                    "unknown stage 'aps'")
     one_line_error(runner.invoke(nas.app, ["train", "--preset", "tiny", "--name", "x", "--data-dir",
                                            str(tmp_path / "nowhere")]), "is not a folder")
     one_line_error(runner.invoke(nas.app, ["arch", "1" * 52]), "position")
     one_line_error(runner.invoke(nas.app, ["report", "--name", "nothing"]), "no run 'nothing'")
-    one_line_error(runner.invoke(nas.app, ["train", "--preset", "tiny", "--name", "new", "--resume"]),
+    one_line_error(runner.invoke(nas.app, ["train", "--preset", "tiny", "--name", "new",
+                                           "--resume"]),
                    "nothing to resume")
     (tmp_path / "bad.json").write_text("[1, 2")
-    one_line_error(runner.invoke(nas.app, ["evaluate", "--name", "x", "--archs", str(tmp_path / "bad.json"),
+    one_line_error(runner.invoke(nas.app, ["evaluate", "--name", "x", "--archs",
+                                           str(tmp_path / "bad.json"),
                                            "--out", str(tmp_path / "out.json")]), "not valid JSON")
     assert not (tmp_path / "out.json").exists()
+    for flops, words in (("0", "must be positive"), ("1K", "below the smallest arch"),
+                         ("2.5Q", "not a number")):
+        one_line_error(runner.invoke(nas.app, ["search", "--name", "x", "--flops", flops]), words)
+    one_line_error(runner.invoke(nas.app, ["search", "--name", "x", "--latency-ms", "-1"]),
+                   "must be positive")
+    one_line_error(runner.invoke(nas.app, ["export", "--name", "x", supernet.MAX_CODE, "--out",
+                                           str(tmp_path / "bad.json")]), "exists")
     assert not runs.exists()
 
 
@@ -50,10 +63,11 @@ def test_an_existing_run_is_never_overwritten(runs):
     config = train_stages.run_config(train_stages.PRESETS["tiny"], ("warmup",), 0, "v3", True)
     nas.open_run("r", config, False, runs)
     saved = (runs / "r" / "config.json").read_text()
-    one_line_error(runner.invoke(nas.app, ["train", "--preset", "tiny", "--name", "r", "--stages", "warmup"]),
+    one_line_error(runner.invoke(nas.app, ["train", "--preset", "tiny", "--name", "r", "--stages",
+                                           "warmup"]),
                    "already exists")
-    one_line_error(runner.invoke(nas.app, ["train", "--preset", "tiny", "--name", "r", "--stages", "cpt",
-                                           "--resume"]), "different config (stages)")
+    one_line_error(runner.invoke(nas.app, ["train", "--preset", "tiny", "--name", "r", "--stages",
+                                           "cpt", "--resume"]), "different config (stages)")
     assert (runs / "r" / "config.json").read_text() == saved
 
 
@@ -75,6 +89,8 @@ def test_all_runs_the_pipeline_and_report_rewrites_its_report(runs, monkeypatch,
     report = (runs / "m" / "report.md").read_text()
     assert "![supernet and FLOPs against the ground truth](scatter.png)" in report
     assert (runs / "m" / "scatter.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    best = results["search"]["best"]
+    assert best["flops"] <= search.default_budget().flops and "## Search" in report
     (runs / "m" / "report.md").unlink()
     assert runner.invoke(nas.app, ["report", "--name", "m"]).exit_code == 0
     assert (runs / "m" / "report.md").read_text() == report

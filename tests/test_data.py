@@ -15,16 +15,17 @@ import train_stages
 
 
 def preset(dataset, image_size=32, in_channels=3, num_classes=10, **kw):
-    return train_stages.Preset(f"test-{dataset}", dataset, image_size, in_channels, num_classes, width_mult=0.125,
-                     divisor=2, batch_size=16, epoch_scale=0.01, lr_scale=1, warmup_epochs=0.1,
-                     warmup_lr=0.1, **kw)
+    return train_stages.Preset(f"test-{dataset}", dataset, image_size, in_channels, num_classes,
+                               width_mult=0.125, divisor=2, batch_size=16, epoch_scale=0.01,
+                               lr_scale=1, warmup_epochs=0.1, warmup_lr=0.1, **kw)
 
 
 # ---------------------------------------------------------------- CIFAR
 
 
 def fake_cifar(num_classes, seed):
-    """Stands in for torchvision's CIFAR class: the same attributes, seeded data, never a download."""
+    """Stands in for torchvision's CIFAR class: the same attributes, seeded data, never a
+    download."""
 
     class FakeCIFAR:
         made = []
@@ -113,7 +114,8 @@ def test_cifar_is_converted_to_nchw_pixel_for_pixel(cifar, tmp_path, name):
 
 
 @pytest.mark.parametrize("error", [RuntimeError("Dataset not found or corrupted."),
-                                   urllib.error.URLError("[Errno -3] Temporary failure in name resolution"),
+                                   urllib.error.URLError("[Errno -3] Temporary failure in name "
+                                                         "resolution"),
                                    OSError("Network is unreachable")])
 @pytest.mark.parametrize("name", ["cifar10", "cifar100"])
 def test_cifar_offline_is_a_data_error_that_says_what_to_do(monkeypatch, tmp_path, name, error):
@@ -175,7 +177,8 @@ def test_a_batch_is_a_function_of_key_and_step(cifar, cifar_data, tmp_path):
     assert torch.equal(x, x3) and torch.equal(y, y3)
     assert not torch.equal(x, cifar_data.train_batch(5, 2, 16)[0])
     assert not torch.equal(x, cifar_data.train_batch(6, 1, 16)[0])
-    assert not torch.equal(x, cifar_data.train_batch(5, 4, 16)[0])  # the same place in the next epoch
+    # the same place in the next epoch
+    assert not torch.equal(x, cifar_data.train_batch(5, 4, 16)[0])
 
 
 def test_eval_batches_cover_eval_subset_in_order(cifar, cifar_data):
@@ -197,7 +200,8 @@ def test_calib_batches_are_seeded_unaugmented_training_images(cifar_data):
     batches = cifar_data.calib_batches(2, 8, seed=0)
     assert [b.shape for b in batches] == [(8, 3, 32, 32)] * 2
     originals = {img.tobytes(): j for j, img in enumerate(cifar_data.train_x.numpy())}
-    found = [originals.get(img.numpy().tobytes()) for b in batches for img in denormalize(cifar_data, b)]
+    found = [originals.get(img.numpy().tobytes())
+             for b in batches for img in denormalize(cifar_data, b)]
     assert None not in found and len(set(found)) == 16
     assert all(torch.equal(a, b) for a, b in zip(batches, cifar_data.calib_batches(2, 8, seed=0)))
 
@@ -211,9 +215,9 @@ TRAIN_PER_CLASS, VAL_PER_CLASS = 4, 2
 
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory):
-    """train/ and val/ of small PNGs of odd sizes. Each image is one random colour, distinct from all
-    others, because a uniform image stays uniform through crops and resizes: a batch image then tells
-    which file it came from."""
+    """train/ and val/ of small PNGs of odd sizes. Each image is one random colour, distinct from
+    all others, because a uniform image stays uniform through crops and resizes: a batch image
+    then tells which file it came from."""
     root = tmp_path_factory.mktemp("imagenet")
     rng = np.random.default_rng(0)
     n = len(CLASSES) * (TRAIN_PER_CLASS + VAL_PER_CLASS)
@@ -233,9 +237,11 @@ def folders(tmp_path_factory):
 
 def folder_sources(x, expected):
     """Index into `expected` of the file each image of the batch was made from."""
-    mean, std = torch.tensor(data.IMAGENET_MEAN).view(1, 3, 1, 1), torch.tensor(data.IMAGENET_STD).view(1, 3, 1, 1)
+    mean = torch.tensor(data.IMAGENET_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(data.IMAGENET_STD).view(1, 3, 1, 1)
     rgb = (x * std + mean) * 255
-    assert (rgb - rgb.mean((2, 3), keepdim=True)).abs().max() < 0.5, "not a uniform image: wrong normalization?"
+    assert (rgb - rgb.mean((2, 3), keepdim=True)).abs().max() < 0.5, (
+        "not a uniform image: wrong normalization?")
     colors = torch.tensor([c for c, _ in expected], dtype=torch.float32)
     dist = (rgb.mean((2, 3))[:, None, :] - colors[None]).abs().amax(2)
     assert (dist.min(1).values < 0.5).all(), "a batch image matches no file"
@@ -282,8 +288,10 @@ def test_folder_steps_of_an_epoch_continue_one_iterator(folders, monkeypatch):
 def test_folder_resume_in_the_middle_of_an_epoch(folders):
     root, expected = folders
     run = data.FolderData(root, 16, "cpu", workers=0)
-    # 12 images, 5 a batch: 2 full batches an epoch, so step 3 is the second batch of the second epoch
-    straight = [folder_sources(run.train_batch(2, step, 5)[0], expected["train"]) for step in range(4)]
+    # 12 images, 5 a batch: 2 full batches an epoch, so step 3 is the second batch of the second
+    # epoch
+    straight = [folder_sources(run.train_batch(2, step, 5)[0], expected["train"])
+                for step in range(4)]
     assert len(set(straight[0] + straight[1])) == 10
     resumed = data.FolderData(root, 16, "cpu", workers=0)
     x, y = resumed.train_batch(2, 3, 5)
@@ -333,7 +341,8 @@ def test_folder_eval_batches_are_all_val_images_in_order(folders):
     assert [len(y) for _, y in loaded.eval_batches(5, 2)] == [2, 2, 1]
 
 
-# load_data's default of 8 workers is more than a 2-core machine suggests; the loader's choice, kept here.
+# load_data's default of 8 workers is more than a 2-core machine suggests; the loader's choice,
+# kept here.
 @pytest.mark.filterwarnings("ignore:This DataLoader will create:UserWarning")
 def test_load_data_imagenet_with_its_default_workers(folders):
     root, expected = folders
@@ -368,7 +377,8 @@ def test_unknown_dataset_is_a_data_error():
 
 def write_idx_gz(path, magic, array):
     with gzip.open(path, "wb") as f:
-        f.write(struct.pack(f">I{array.ndim}I", magic, *array.shape) + array.astype(np.uint8).tobytes())
+        f.write(struct.pack(f">I{array.ndim}I", magic, *array.shape)
+                + array.astype(np.uint8).tobytes())
 
 
 def test_read_idx_gz_images_and_labels(tmp_path):
@@ -378,7 +388,8 @@ def test_read_idx_gz_images_and_labels(tmp_path):
     labels = rng.integers(0, 10, 300, dtype=np.uint8)
     write_idx_gz(tmp_path / "images.gz", 0x00000803, images)
     write_idx_gz(tmp_path / "labels.gz", 0x00000801, labels)
-    got_images, got_labels = data.read_idx_gz(tmp_path / "images.gz"), data.read_idx_gz(tmp_path / "labels.gz")
+    got_images = data.read_idx_gz(tmp_path / "images.gz")
+    got_labels = data.read_idx_gz(tmp_path / "labels.gz")
     assert got_images.dtype == torch.uint8 and got_images.shape == (3, 7, 260)
     assert np.array_equal(got_images.numpy(), images)
     assert got_labels.shape == (300,) and np.array_equal(got_labels.numpy(), labels)
@@ -388,8 +399,10 @@ def test_read_idx_gz_images_and_labels(tmp_path):
 def fashion(tmp_path):
     """The four IDX files of a small Fashion-MNIST: (train images, labels, test images, labels)."""
     rng = np.random.default_rng(2)
-    arrays = (rng.integers(0, 256, (40, 28, 28), dtype=np.uint8), rng.integers(0, 10, 40, dtype=np.uint8),
-              rng.integers(0, 256, (20, 28, 28), dtype=np.uint8), rng.integers(0, 10, 20, dtype=np.uint8))
+    arrays = (rng.integers(0, 256, (40, 28, 28), dtype=np.uint8),
+              rng.integers(0, 10, 40, dtype=np.uint8),
+              rng.integers(0, 256, (20, 28, 28), dtype=np.uint8),
+              rng.integers(0, 10, 20, dtype=np.uint8))
 
     def write(folder):
         folder.mkdir(parents=True, exist_ok=True)

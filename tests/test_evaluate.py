@@ -27,7 +27,8 @@ def test_calibration_is_the_exact_mean_of_batch_statistics_in_the_arch_slice():
     torch.testing.assert_close(stem_bn.running_mean[:c], means, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(stem_bn.running_var[:c], varis, rtol=1e-4, atol=1e-5)
     # other archs' slices: channels beyond c and blocks this arch does not run keep their values
-    assert torch.equal(stem_bn.running_mean[c:], before_mean[c:]) and torch.equal(stem_bn.running_var[c:], before_var[c:])
+    assert torch.equal(stem_bn.running_mean[c:], before_mean[c:])
+    assert torch.equal(stem_bn.running_var[c:], before_var[c:])
     assert arch.depths[2] < 8  # so its block 8 of stage 3 is one the arch does not run
     assert torch.equal(net.stages[2][7].conv1.bn.running_mean, unused_block)
     assert all(bn.momentum == 0.1 for bn in net.modules() if isinstance(bn, torch.nn.BatchNorm2d))
@@ -85,21 +86,25 @@ def test_ground_truth_cache_skips_trained_archs_and_resumes(tmp_path, monkeypatc
     log = train_stages.EventLog(None)
     resumed = False
     with pytest.raises(KeyboardInterrupt):
-        evaluate.ground_truth(evaluate.GroundTruth(tmp_path / "gt.json"), archs, 2, MICRO, micro_data, log)
+        evaluate.ground_truth(evaluate.GroundTruth(tmp_path / "gt.json"), archs, 2, MICRO,
+                              micro_data, log)
     assert len(json.loads((tmp_path / "gt.json").read_text())["entries"]) == 2
     resumed = True
     calls.clear()
-    truth, ceiling = evaluate.ground_truth(evaluate.GroundTruth(tmp_path / "gt.json"), archs, 2, MICRO,
-                                           micro_data, log)
+    truth, ceiling = evaluate.ground_truth(evaluate.GroundTruth(tmp_path / "gt.json"), archs, 2,
+                                           MICRO, micro_data, log)
     # each arch's seeds one after the other; the first arch's two nets were kept
-    assert calls == [(codes[1], 0), (codes[1], 1), (codes[2], 0), (codes[2], 1), (codes[3], 0), (codes[3], 1)]
+    assert calls == [(codes[1], 0), (codes[1], 1), (codes[2], 0), (codes[2], 1), (codes[3], 0),
+                     (codes[3], 1)]
     gt = evaluate.GroundTruth(tmp_path / "gt.json")
     r = evaluate.recipe(MICRO, "cpu")
     for c in codes:  # the truth is the mean of the two seeds
-        assert truth[c] == pytest.approx((gt.get(c, MICRO.dataset, r, 0) + gt.get(c, MICRO.dataset, r, 1)) / 2)
+        assert truth[c] == pytest.approx((gt.get(c, MICRO.dataset, r, 0)
+                                          + gt.get(c, MICRO.dataset, r, 1)) / 2)
     assert ceiling["seed_vs_seed"]["n"] == 4 and ceiling["ceiling"]["n"] == 4
     calls.clear()
-    evaluate.ground_truth(evaluate.GroundTruth(tmp_path / "gt.json"), archs, 2, MICRO, micro_data, log)
+    evaluate.ground_truth(evaluate.GroundTruth(tmp_path / "gt.json"), archs, 2, MICRO, micro_data,
+                          log)
     assert calls == []
 
 
@@ -111,11 +116,12 @@ def test_a_run_takes_committed_ground_truth_instead_of_training(tmp_path, monkey
         for seed in (0, 1):
             shared.put(supernet.encode(a), MICRO.dataset, r, seed, 0.6 + 0.1 * i + 0.01 * seed, 1.0)
     monkeypatch.setattr(evaluate, "SHARED_GROUND_TRUTH", tmp_path / "shared.json")
-    monkeypatch.setattr(evaluate, "train_standalone", lambda *a: pytest.fail("trained a shared net"))
+    monkeypatch.setattr(evaluate, "train_standalone",
+                        lambda *a: pytest.fail("trained a shared net"))
     run_dir = tmp_path / "run"
     run_dir.mkdir()
-    truth, ceiling = evaluate.build_ground_truth(run_dir, MICRO, micro_data, train_stages.EventLog(None),
-                                                 3, 2, 0)
+    truth, ceiling = evaluate.build_ground_truth(run_dir, MICRO, micro_data,
+                                                 train_stages.EventLog(None), 3, 2, 0)
     assert list(truth.values()) == pytest.approx([0.605, 0.705, 0.805])
     assert ceiling["seed_vs_seed"]["kendall"] == pytest.approx(1.0)
     # the run folder holds its own copy: the shared file may go
@@ -128,7 +134,7 @@ def test_uniform_sample_extends_and_the_stratified_one_is_wider():
     assert large[:10] == small and len(set(large)) == 30
     rng = random.Random(5)
     assert small[0] == supernet.sample_arch(rng)  # plain uniform draws, in order
-    flops = lambda archs: sorted(supernet.count_flops_params(a, MICRO.shape)[0] for a in archs)
+    flops = lambda archs: sorted(supernet.size_of(a, MICRO.shape)[0] for a in archs)
     uniform, strata = flops(small[:6]), flops(evaluate.pick_archs(6, 5, MICRO, stratified=True))
     assert strata[-1] - strata[0] > uniform[-1] - uniform[0]
 
@@ -141,7 +147,8 @@ def test_ceiling_is_spearman_brown_for_a_mean_of_two_seeds():
         assert 0.5 < evaluate.ceiling_of(0.5, name) < 1.0
     # Kendall 1/3 is Pearson sin(pi/6) = 0.5 for a bivariate normal
     r = (2 * 0.5 / 1.5) ** 0.5
-    assert evaluate.ceiling_of(1 / 3, "kendall") == pytest.approx(2 / 3.141592653589793 * __import__("math").asin(r))
+    assert evaluate.ceiling_of(1 / 3, "kendall") == pytest.approx(
+        2 / 3.141592653589793 * __import__("math").asin(r))
 
 
 def test_standalone_training_learns(micro_data):
@@ -149,8 +156,8 @@ def test_standalone_training_learns(micro_data):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # the same float order on every machine
     try:
-        acc = evaluate.train_standalone(supernet.decode(supernet.MAX_CODE), replace(MICRO, gt_epochs=2),
-                                        micro_data, seed=0)
+        acc = evaluate.train_standalone(supernet.decode(supernet.MAX_CODE),
+                                        replace(MICRO, gt_epochs=2), micro_data, seed=0)
     finally:
         torch.set_num_threads(threads)
     assert acc > 0.4  # ten classes: chance is 0.1
@@ -165,11 +172,13 @@ def test_challenge_json_round_trips_and_bad_files_are_refused(tmp_path):
     accs = {c: 0.1 * i for i, c in enumerate(codes.values())}
     evaluate.write_challenge(tmp_path / "out.json", codes, accs)
     back = json.loads((tmp_path / "out.json").read_text())
-    assert {k: v["arch"] for k, v in back.items()} == codes and back["arch2"]["acc"] == pytest.approx(0.1)
+    assert {k: v["arch"] for k, v in back.items()} == codes
+    assert back["arch2"]["acc"] == pytest.approx(0.1)
     (tmp_path / "bad.json").write_text("{\"arch1\": ")
     with pytest.raises(ValueError, match="not valid JSON"):
         evaluate.read_challenge(tmp_path / "bad.json")
-    (tmp_path / "bad.json").write_text(json.dumps({"arch1": {"arch": codes["arch1"]}, "arch2": {"arch": "15"}}))
+    (tmp_path / "bad.json").write_text(json.dumps({"arch1": {"arch": codes["arch1"]},
+                                                   "arch2": {"arch": "15"}}))
     with pytest.raises(ValueError, match="entry 'arch2': arch code has length 2"):
         evaluate.read_challenge(tmp_path / "bad.json")
 

@@ -23,7 +23,8 @@ def pinas_state(preset=PINAS):
 
 def test_the_two_paths_differ_in_every_choice():
     rng = random.Random(0)
-    spaces = [(train_stages.FULL_DEPTHS, supernet.WIDTH_CODES), (((4, 5), (4, 5), (6, 8), (2, 5)), ((1, 2, 3),) * 4)]
+    spaces = [(train_stages.FULL_DEPTHS, supernet.WIDTH_CODES),
+              (((4, 5), (4, 5), (6, 8), (2, 5)), ((1, 2, 3),) * 4)]
     for depth_ranges, widths in spaces:
         for _ in range(500):
             a, b = train_stages.sample_path_pair(rng, depth_ranges, widths)
@@ -32,12 +33,14 @@ def test_the_two_paths_differ_in_every_choice():
                 assert all(x != y for x, y in zip(a.mids[s], b.mids[s]))
                 lo, hi = depth_ranges[s]
                 for arch in (a, b):
-                    assert lo <= arch.depths[s] <= hi and set(arch.mids[s]) | {arch.outs[s]} <= set(widths[s])
+                    assert lo <= arch.depths[s] <= hi
+                    assert set(arch.mids[s]) | {arch.outs[s]} <= set(widths[s])
                     assert len(arch.mids[s]) == arch.depths[s]
 
 
 def test_a_choice_with_one_option_is_shared():
-    a, b = train_stages.sample_path_pair(random.Random(1), train_stages.MAX_ONLY, train_stages.WIDEST)
+    a, b = train_stages.sample_path_pair(random.Random(1), train_stages.MAX_ONLY,
+                                         train_stages.WIDEST)
     assert a == b == supernet.MAX_ARCH
 
 
@@ -56,20 +59,24 @@ def test_mean_teacher_moves_exactly_the_used_slices_by_the_ema_rule(micro_data):
     before = {k: v.clone() for k, v in st.mean_teacher.state_dict().items()}
     m = 0.9
     train_stages.update_mean_teacher(st, [a, b], momentum=m)
-    students = {"net": dict(st.net.named_parameters()), "projector": dict(st.projector.named_parameters())}
+    students = {"net": dict(st.net.named_parameters()),
+                "projector": dict(st.projector.named_parameters())}
     moved = 0
     for name, t in st.mean_teacher.named_parameters():
         owner, pname = name.split(".", 1)
         s = students[owner][pname]
         used = s.grad != 0 if s.grad is not None else torch.zeros_like(s, dtype=torch.bool)
-        if owner == "projector":  # hidden units can be dead on 8 images, but a path uses whole input columns
-            used = used.any(0, keepdim=True).expand_as(s) if pname == "fc1.weight" else torch.ones_like(used)
+        # hidden units can be dead on 8 images, but a path uses whole input columns
+        if owner == "projector":
+            used = (used.any(0, keepdim=True).expand_as(s) if pname == "fc1.weight"
+                    else torch.ones_like(used))
         expected = torch.where(used, m * before[name] + (1 - m) * s, before[name])
         torch.testing.assert_close(t, expected, rtol=1e-6, atol=1e-7, msg=name)
         assert torch.equal(t[~used], before[name][~used]), name  # untouched means bit-for-bit
         moved += int(used.sum())
     assert moved > 0
-    assert torch.equal(st.mean_teacher["net"].fc.weight, before["net.fc.weight"])  # Π-NAS never uses it
+    # Π-NAS never uses it
+    assert torch.equal(st.mean_teacher["net"].fc.weight, before["net.fc.weight"])
 
 
 def test_queue_is_a_fixed_size_fifo():
@@ -125,16 +132,19 @@ def test_a_few_steps_lower_the_infonce_loss_on_real_images(micro_data):
 
     def loss(state):
         with torch.no_grad():
-            ka, kb = train_stages.teacher_embed(state, views[1], a, perm), train_stages.teacher_embed(state, views[3], b, perm)
+            ka = train_stages.teacher_embed(state, views[1], a, perm)
+            kb = train_stages.teacher_embed(state, views[3], b, perm)
             qa = state.projector(state.net.features(views[0], a))
             qb = state.projector(state.net.features(views[2], b))
-            return float(train_stages.info_nce(qa, kb, st.queue.vectors) + train_stages.info_nce(qb, ka, st.queue.vectors)) / 2
+            return float(train_stages.info_nce(qa, kb, st.queue.vectors)
+                         + train_stages.info_nce(qb, ka, st.queue.vectors)) / 2
 
     assert loss(st) < loss(start) - 0.1
 
 
 def test_resume_restores_teacher_and_queue_exactly(tmp_path, micro_data):
-    whole = train_stages.train(train_stages.new_state(PINAS, ("pinas",), 0, "cpu"), micro_data, None, train_stages.EventLog(None))
+    whole = train_stages.train(train_stages.new_state(PINAS, ("pinas",), 0, "cpu"), micro_data,
+                               None, train_stages.EventLog(None))
     cut = train_stages.new_state(PINAS, ("pinas",), 0, "cpu")
     events = []
 
@@ -149,8 +159,8 @@ def test_resume_restores_teacher_and_queue_exactly(tmp_path, micro_data):
     resumed = train_stages.new_state(PINAS, ("pinas",), 0, "cpu")
     train_stages.load_checkpoint(resumed, tmp_path / "checkpoints" / "last.pt")
     assert resumed.step == 3
-    for mine, theirs in [(resumed.mean_teacher, cut.mean_teacher), (resumed.projector, cut.projector),
-                         (resumed.net, cut.net)]:
+    for mine, theirs in [(resumed.mean_teacher, cut.mean_teacher),
+                         (resumed.projector, cut.projector), (resumed.net, cut.net)]:
         for (k, v), w in zip(mine.state_dict().items(), theirs.state_dict().values()):
             assert torch.equal(v, w), k
     assert torch.equal(resumed.queue.vectors, cut.queue.vectors)

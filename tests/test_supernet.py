@@ -9,8 +9,10 @@ import supernet
 from conftest import CHALLENGE_JSON
 
 SMALL = supernet.NetShape(image_size=16, in_channels=3, num_classes=7, width_mult=0.25, divisor=4)
-MIN_CODE = "12222" + "3" + "3333" + "00" * 3 + "3333" + "00" * 3 + "5555" + "00" * 6 + "7777" + "00" * 3
-LARGE_STEM = supernet.NetShape(image_size=128, in_channels=3, num_classes=5, width_mult=0.125, divisor=4)
+MIN_CODE = ("12222" + "3" + "3333" + "00" * 3 + "3333" + "00" * 3 + "5555" + "00" * 6 + "7777"
+            + "00" * 3)
+LARGE_STEM = supernet.NetShape(image_size=128, in_channels=3, num_classes=5, width_mult=0.125,
+                               divisor=4)
 
 
 def challenge_codes():
@@ -40,7 +42,8 @@ def test_supernet_subnet_equals_extracted_static_net(shape):
 
 def test_supernet_gradients_reach_only_the_sliced_weights():
     net = supernet.Supernet(SMALL)
-    arch = supernet.decode("12222" + "3" + "3333" + "00" * 3 + "1313" + "00" * 3 + "1515" + "00" * 6 + "7676" + "00" * 3)
+    arch = supernet.decode("12222" + "3" + "3333" + "00" * 3 + "1313" + "00" * 3 + "1515" + "00" * 6
+                           + "7676" + "00" * 3)
     net(torch.randn(2, 3, 16, 16), arch).sum().backward()
     stage4_block0 = net.stages[3][0].conv1.weight
     mid = SMALL.ch(512, 7)
@@ -68,8 +71,9 @@ def test_challenge_codes_use_exactly_the_allowed_widths_per_stage():
 
 
 def test_channel_table_at_width_mult_1():
-    table = {1: (64, 128, 256, 512), 2: (64, 120, 240, 488), 3: (56, 112, 232, 464), 4: (56, 112, 216, 432),
-             5: (48, 104, 208, 408), 6: (48, 96, 192, 384), 7: (48, 88, 176, 360)}
+    table = {1: (64, 128, 256, 512), 2: (64, 120, 240, 488), 3: (56, 112, 232, 464),
+             4: (56, 112, 216, 432), 5: (48, 104, 208, 408), 6: (48, 96, 192, 384),
+             7: (48, 88, 176, 360)}
     for code, row in table.items():
         assert tuple(supernet.channels(base, code) for base in supernet.BASE_WIDTHS) == row
 
@@ -91,10 +95,13 @@ def with_char(code, pos, ch):
     (with_char(GOOD, 8, "0"), "position 8", "present (depth 2) but has width code 0"),
     (with_char(GOOD, 10, "1"), "position 10", "absent (depth 2) but is '10'"),
     (with_char(GOOD, 16, "5"), "position 16", "width code 5 is not allowed in stage 2"),
-    (with_char(GOOD, 43, "2"), "position 45", "stage 4 block 2 conv2 code 5 differs from block 1's conv2 code 2"),
-    (with_char(GOOD, 45, "4"), "position 45", "residual tying: stage 4 block 2 conv2 code 4 differs"),
+    (with_char(GOOD, 43, "2"), "position 45",
+     "stage 4 block 2 conv2 code 5 differs from block 1's conv2 code 2"),
+    (with_char(GOOD, 45, "4"), "position 45",
+     "residual tying: stage 4 block 2 conv2 code 4 differs"),
     (with_char(GOOD, 7, "2"), "position 7", "differs from the stem's code 3"),
-    (with_char(GOOD, 7, "2")[1:], "position 6", "residual tying"),  # 51-character form: positions as given
+    # 51-character form: positions as given
+    (with_char(GOOD, 7, "2")[1:], "position 6", "residual tying"),
 ])
 def test_malformed_codes_are_refused_naming_position_and_rule(code, position, words):
     with pytest.raises(ValueError) as e:
@@ -109,7 +116,8 @@ def test_max_arch_matches_torchvision_resnet_params_and_flops():
         reference = ResNet(TVBasicBlock, [5, 5, 8, 5])
     assert supernet.count_flops_params(supernet.MAX_ARCH) == supernet.count_flops_params(reference)
     net = supernet.extract_subnet(supernet.Supernet(), supernet.MAX_ARCH)
-    assert sum(p.numel() for p in net.parameters()) == sum(p.numel() for p in reference.parameters())
+    assert (sum(p.numel() for p in net.parameters())
+            == sum(p.numel() for p in reference.parameters()))
 
 
 def test_sampler_stays_inside_its_space_and_reaches_every_value():
@@ -124,7 +132,8 @@ def test_sampler_stays_inside_its_space_and_reaches_every_value():
             seen_depths[s].add(a.depths[s])
             assert len(a.mids[s]) == a.depths[s]
             seen_widths[s].update(a.mids[s] + (a.outs[s],))
-    assert [tuple(sorted(d)) for d in seen_depths] == [tuple(range(lo, hi + 1)) for lo, hi in depth_ranges]
+    assert ([tuple(sorted(d)) for d in seen_depths]
+            == [tuple(range(lo, hi + 1)) for lo, hi in depth_ranges])
     assert [tuple(sorted(w)) for w in seen_widths] == list(width_codes)
 
 
@@ -143,3 +152,11 @@ def test_distance_examples_by_hand():
     a = supernet.decode(GOOD)
     assert supernet.distance(a, big) == supernet.distance(big, a) == sum(
         abs((int(c) or 9) - 1) for c in GOOD[5:])
+
+
+def test_arithmetic_sizes_equal_the_flop_counters():
+    rng = random.Random(4)
+    for shape in (supernet.NetShape(), supernet.NetShape(28, 1, 10, 0.125, 2),
+                  supernet.NetShape(14, 1, 10, 0.125, 2), supernet.NetShape(32, 3, 10, 0.5, 4)):
+        for arch in [supernet.sample_arch(rng) for _ in range(3)] + [supernet.MAX_ARCH]:
+            assert supernet.size_of(arch, shape) == supernet.count_flops_params(arch, shape)

@@ -32,18 +32,22 @@ def test_every_phase_samples_inside_its_space():
 
 
 def test_aps_versions_differ_exactly_where_the_paper_says():
-    depth = {v: [p.depths for p in train_stages.stage_phases("aps_depth", MICRO, v)] for v in ("v1", "v2", "v3")}
+    depth = {v: [p.depths for p in train_stages.stage_phases("aps_depth", MICRO, v)]
+             for v in ("v1", "v2", "v3")}
     assert depth["v1"][0] == ((4, 5), (4, 5), (6, 8), (4, 5))
     assert depth["v1"][1] == ((3, 5), (3, 5), (4, 8), (3, 5))
     assert depth["v1"][2] == ((2, 5), (2, 5), (2, 8), (2, 5))
     assert depth["v2"] == [depth["v1"][0], depth["v1"][1][:3] + ((2, 5),), depth["v1"][2]]
     assert depth["v3"] == [depth["v1"][0][:3] + ((2, 5),), depth["v2"][1], depth["v1"][2]]
-    phases = train_stages.paper_phases("aps_depth", "v1") + train_stages.paper_phases("aps_width", "v1")
+    phases = (train_stages.paper_phases("aps_depth", "v1")
+              + train_stages.paper_phases("aps_width", "v1"))
     assert [(p.epochs, p.lr) for p in phases] == [(5, 0.001), (10, 0.002), (15, 0.004),
                                                    (5, 0.001), (10, 0.002), (25, 0.004)]
     scaled = train_stages.stage_phases("aps_width", MICRO)[2]
-    assert (scaled.epochs, scaled.lr) == pytest.approx((25 * MICRO.epoch_scale, 0.004 * MICRO.lr_scale))
-    assert [p.widths[3] for p in train_stages.stage_phases("aps_width", MICRO)] == [(1, 2, 3), (1, 2, 3, 4, 5), supernet.WIDTH_CODES[3]]
+    assert (scaled.epochs, scaled.lr) == pytest.approx((25 * MICRO.epoch_scale,
+                                                        0.004 * MICRO.lr_scale))
+    assert ([p.widths[3] for p in train_stages.stage_phases("aps_width", MICRO)]
+            == [(1, 2, 3), (1, 2, 3, 4, 5), supernet.WIDTH_CODES[3]])
 
 
 def test_spos_runs_as_many_forward_backward_passes_as_aps():
@@ -54,8 +58,8 @@ def test_spos_runs_as_many_forward_backward_passes_as_aps():
 
 
 def test_sse_routes_every_depth_combination_to_the_region_the_paper_lists():
-    paper34 = {0: ["22", "23", "24"], 1: ["32", "42", "52", "62", "72", "82"], 2: ["83", "84", "85"],
-               3: ["25", "35", "45", "55", "65", "75"]}
+    paper34 = {0: ["22", "23", "24"], 1: ["32", "42", "52", "62", "72", "82"],
+               2: ["83", "84", "85"], 3: ["25", "35", "45", "55", "65", "75"]}
     rng = random.Random(0)
     for d1 in range(2, 6):
         for d2 in range(2, 6):
@@ -77,9 +81,11 @@ def test_pool_fills_then_follows_the_nsas_replacement_rule():
     widest = arch_with((5, 5, 8, 5))
     middle = arch_with((3, 3, 4, 3), widths=2)
     far = arch_with((2, 2, 2, 2), widths=3)
-    near_middle = supernet.Arch(middle.depths, middle.outs, ((1, 2, 2),) + middle.mids[1:])  # one step towards widest
+    # one step towards widest
+    near_middle = supernet.Arch(middle.depths, middle.outs, ((1, 2, 2),) + middle.mids[1:])
     assert supernet.distance(middle, near_middle) == 1
-    assert supernet.distance(near_middle, widest) == supernet.distance(middle, widest) - 1 < supernet.distance(far, widest)
+    assert (supernet.distance(near_middle, widest) == supernet.distance(middle, widest) - 1
+            < supernet.distance(far, widest))
 
     pool = train_stages.ConstraintPool(size=2, recent=100, k=1)
     pool.update(middle)
@@ -102,7 +108,8 @@ def test_pool_is_far_more_diverse_than_random_pools():
     random_means = []
     for _ in range(100):
         members = [supernet.sample_arch(rng) for _ in range(10)]
-        random_means.append(statistics.mean(supernet.distance(x, y) for i, x in enumerate(members) for y in members[i + 1:]))
+        random_means.append(statistics.mean(supernet.distance(x, y) for i, x in enumerate(members)
+                                            for y in members[i + 1:]))
     stats = pool.stats()
     assert stats["size"] == 10
     assert stats["mean_dist"] > 1.25 * statistics.mean(random_means)
@@ -113,7 +120,8 @@ def test_pool_losses_send_gradients_into_the_shared_weights(micro_data):
     st = train_stages.new_state(MICRO, ("cpt",), 0, "cpu")
     deep = arch_with((2, 2, 2, 5))
     st.pool.members = [deep]
-    phase = train_stages.Phase("cpt", "cpt", 1, 0.001, 1, depths=((2, 2),) * 4)  # samples have stage-4 depth 2
+    # samples have stage-4 depth 2
+    phase = train_stages.Phase("cpt", "cpt", 1, 0.001, 1, depths=((2, 2),) * 4)
     x, y = micro_data.train_batch(0, 0, 16)
     archs, losses = train_stages.cpt_step(st, phase, x, y)
     assert archs[0].depths[3] == 2 and len(losses) == 1 + len(st.pool.members)
@@ -177,7 +185,8 @@ def test_sse_distils_from_the_stronger_of_warm_up_and_largest_subnet(micro_data)
     for scores, chosen in (([0.7, 0.5], "warm-up"), ([0.5, 0.7], "largest subnet")):
         answers = iter(scores)
         train_stages.choose_kd_teacher(st, lambda net: next(answers), log)
-        assert events[-1] == ("kd_teacher", {"warmup_top1": scores[0], "largest_subnet_top1": scores[1],
+        assert events[-1] == ("kd_teacher", {"warmup_top1": scores[0],
+                                             "largest_subnet_top1": scores[1],
                                              "chosen": chosen})
     assert torch.equal(st.kd_teacher["fc.bias"], st.net.fc.bias) and not torch.equal(
         warm_teacher["fc.bias"], st.kd_teacher["fc.bias"])
@@ -202,7 +211,8 @@ def test_killed_and_resumed_run_equals_an_uninterrupted_one(tmp_path):
     resumed = train_stages.new_state(MICRO, STAGES, 0, "cpu")
     train_stages.load_checkpoint(resumed, tmp_path / "cut" / "checkpoints" / "last.pt")
     assert resumed.phases()[resumed.phase_index].stage == "cpt" and resumed.step == 4
-    train_stages.train(resumed, data.load_data(MICRO, "cpu"), tmp_path / "cut", train_stages.EventLog(tmp_path / "cut" / "events.jsonl"))
+    train_stages.train(resumed, data.load_data(MICRO, "cpu"), tmp_path / "cut",
+                       train_stages.EventLog(tmp_path / "cut" / "events.jsonl"))
     for k, v in whole.net.state_dict().items():
         assert torch.equal(v, resumed.net.state_dict()[k]), k
     assert whole.subnets.keys() == resumed.subnets.keys()
@@ -211,10 +221,12 @@ def test_killed_and_resumed_run_equals_an_uninterrupted_one(tmp_path):
             assert torch.equal(v, resumed.subnets[i][k]), (i, k)
     assert whole.pool.state() == resumed.pool.state()
 
-    events = [json.loads(line) for line in (tmp_path / "cut" / "events.jsonl").read_text().splitlines()]
+    events = [json.loads(line)
+              for line in (tmp_path / "cut" / "events.jsonl").read_text().splitlines()]
     assert all("time" in e and "event" in e for e in events)
     kinds = {e["event"] for e in events}
-    assert {"stage_start", "phase_start", "progress", "pool", "checkpoint", "phase_end", "stage_end"} <= kinds
+    assert {"stage_start", "phase_start", "progress", "pool", "checkpoint", "phase_end",
+            "stage_end"} <= kinds
     phase_starts = [e for e in events if e["event"] == "phase_start"]
     assert {"depths", "widths"} <= phase_starts[0]["space"].keys()
     pool = [e for e in events if e["event"] == "pool"][-1]
@@ -242,28 +254,36 @@ def test_non_finite_loss_stops_naming_stage_and_arch(tmp_path, micro_data):
 
 def test_a_chained_run_equals_one_run_of_all_its_stages(tmp_path, micro_data):
     parent = tmp_path / "warmup.pt"
-    train_stages.save_checkpoint(train_stages.train(train_stages.new_state(MICRO, ("warmup",), 0, "cpu", kd=False), micro_data, None,
-                                train_stages.EventLog(None)), parent)
-    chained = train_stages.new_state(MICRO, ("warmup", "spos"), 0, "cpu")  # kd differs: nothing so far used it
+    train_stages.save_checkpoint(
+        train_stages.train(train_stages.new_state(MICRO, ("warmup",), 0, "cpu", kd=False),
+                           micro_data, None, train_stages.EventLog(None)),
+        parent)
+    # kd differs: nothing so far used it
+    chained = train_stages.new_state(MICRO, ("warmup", "spos"), 0, "cpu")
     train_stages.load_checkpoint(chained, parent, extend=True)
     assert chained.phase_index == 1 and chained.step == 0
     train_stages.train(chained, micro_data, None, train_stages.EventLog(None))
-    whole = train_stages.train(train_stages.new_state(MICRO, ("warmup", "spos"), 0, "cpu"), micro_data, None, train_stages.EventLog(None))
+    whole = train_stages.train(train_stages.new_state(MICRO, ("warmup", "spos"), 0, "cpu"),
+                               micro_data, None, train_stages.EventLog(None))
     for k, v in whole.net.state_dict().items():
         assert torch.equal(v, chained.net.state_dict()[k]), k
 
-    for stages, seed in [(("spos",), 0), (("warmup", "spos"), 1)]:  # not its beginning; another seed
+    # not its beginning; another seed
+    for stages, seed in [(("spos",), 0), (("warmup", "spos"), 1)]:
         with pytest.raises(train_stages.TrainingError, match="different config"):
-            train_stages.load_checkpoint(train_stages.new_state(MICRO, stages, seed, "cpu"), parent, extend=True)
+            train_stages.load_checkpoint(train_stages.new_state(MICRO, stages, seed, "cpu"), parent,
+                                         extend=True)
     unfinished = train_stages.new_state(MICRO, ("warmup", "spos"), 0, "cpu")
     train_stages.save_checkpoint(unfinished, parent)
     with pytest.raises(train_stages.TrainingError, match="different config"):
-        train_stages.load_checkpoint(train_stages.new_state(MICRO, ("warmup", "spos", "cpt"), 0, "cpu"), parent, extend=True)
+        train_stages.load_checkpoint(train_stages.new_state(MICRO, ("warmup", "spos", "cpt"), 0,
+                                                            "cpu"), parent, extend=True)
 
 
 def test_sse_without_a_warm_up_says_it_trains_without_distillation(micro_data):
     events = []
-    train_stages.train(train_stages.new_state(MICRO, ("sse4",), 0, "cpu"), micro_data, None, lambda e, **f: events.append((e, f)))
+    train_stages.train(train_stages.new_state(MICRO, ("sse4",), 0, "cpu"), micro_data, None,
+                       lambda e, **f: events.append((e, f)))
     warnings = [f["message"] for e, f in events if e == "warning"]
     assert len(warnings) == 2 and all("without KD" in w for w in warnings)
 

@@ -1,0 +1,118 @@
+import json
+import random
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import evaluate
+import search
+import supernet
+import train_stages
+from conftest import MICRO
+
+
+def target_fitness(target):
+    """A fitness with a known optimum: the closer (Eq. 2) to `target`, the better."""
+    calls = []
+
+    def fitness(archs):
+        calls.extend(archs)
+        return {supernet.encode(a): -supernet.distance(a, target) for a in archs}
+    return fitness, calls
+
+
+def test_mutation_and_crossover_give_valid_archs():
+    rng = random.Random(0)
+    archs = [supernet.sample_arch(rng) for _ in range(50)]
+    for a, b in zip(archs, archs[1:]):
+        for child in (search.mutate(a, rng, p=0.5), search.crossover(a, b, rng)):
+            assert supernet.decode(supernet.encode(child)) == child
+
+
+def test_search_never_evaluates_an_arch_over_budget():
+    budget = search.Budget(flops=4.5e9)
+    fitness, calls = target_fitness(supernet.decode(supernet.MAX_CODE))  # pulls toward large archs
+    admits = lambda a: search.challenge_size(a)[0] <= budget.flops
+    scores = search.evolve(fitness, admits, population=8, generations=3, seed=0)
+    assert calls and all(search.challenge_size(a)[0] <= budget.flops for a in calls)
+    assert len(scores) == len(set(calls))
+
+
+def test_evolution_beats_as_many_uniform_samples_under_the_same_budget():
+    rng = random.Random(1)
+    target = supernet.sample_arch(rng)
+    admits = lambda a: search.challenge_size(a)[0] <= 5.0e9
+    fitness, calls = target_fitness(target)
+    evolved = search.evolve(fitness, admits, population=10, generations=6, seed=3)
+    uniform = search.sample_within(random.Random(3), len(evolved), admits)
+    assert max(evolved.values()) >= max(fitness(uniform).values())
+
+
+@pytest.mark.parametrize("flops, words", [("0", "must be positive"), ("1K", "below the smallest"),
+                                          ("2.5X", "not a number"), ("fast", "not a number")])
+def test_bad_budgets_are_refused(flops, words):
+    with pytest.raises(ValueError, match=words):
+        search.check_budget(search.Budget(flops=search.parse_amount(flops, "--flops")))
+
+
+def test_pareto_front_keeps_only_undominated_points():
+    points = [{"flops": 1, "top1": 0.5}, {"flops": 2, "top1": 0.4}, {"flops": 3, "top1": 0.7},
+              {"flops": 3, "top1": 0.6}, {"flops": 4, "top1": 0.7}]
+    assert search.pareto_front(points) == [points[0], points[2]]
+
+
+@pytest.fixture(scope="module")
+def trained(micro_data, tmp_path_factory):
+    st = train_stages.new_state(MICRO, ("warmup", "aps_depth", "cpt", "sse34"), 0, "cpu")
+    train_stages.train(st, micro_data, None, train_stages.EventLog(None))
+    return st, tmp_path_factory.mktemp("run")
+
+
+def test_a_second_search_reevaluates_nothing_and_files_are_written(trained, micro_data):
+    st, run_dir = trained
+    budget = search.Budget(flops=5.0e9)
+    first = search.run_search(st, micro_data, run_dir, budget, 6, 2, 0, lambda *a, **k: None)
+    assert first["evaluated_now"] == first["evaluated"] > 0
+    assert first["best"]["flops"] <= budget.flops
+    second = search.run_search(st, micro_data, run_dir, budget, 6, 2, 0, lambda *a, **k: None)
+    assert second["evaluated_now"] == 0 and second["best"] == first["best"]
+    assert json.loads((run_dir / "search.json").read_text())["best"] == first["best"]
+    assert (run_dir / "search.png").read_bytes()[:4] == b"\x89PNG"
+    lines = (run_dir / "search.jsonl").read_text().splitlines()
+    assert len(lines) == first["evaluated"]
+    # the fitness is the evaluation's: the same top-1 as evaluate_archs for that arch
+    arch = supernet.decode(first["best"]["arch"])
+    calib = micro_data.calib_batches(MICRO.calib_batches, MICRO.calib_batch_size, seed=0)
+    evals = micro_data.eval_batches(MICRO.eval_subset)
+    accs = evaluate.evaluate_archs(st, [arch], calib, evals)
+    assert accs[first["best"]["arch"]] == first["best"]["top1"]
+
+
+def test_exported_program_gives_the_supernets_logits_without_the_project(trained, micro_data,
+                                                                       tmp_path):
+    st, _ = trained
+    arch = supernet.sample_arch(random.Random(7))
+    calib = micro_data.calib_batches(MICRO.calib_batches, MICRO.calib_batch_size, seed=0)
+    net = search.inherited_subnet(st, arch, calib)
+    out, program = search.save_export(tmp_path / "net.pt", net, MICRO, micro_data.mean,
+                                      micro_data.std)
+    images = torch.rand(5, 1, 28, 28)
+    torch.save(images, tmp_path / "x.pt")
+    # the supernet itself, with the owner's weights and this arch's recalibrated BN statistics
+    before = st.current_sub
+    train_stages.swap_sub(st, train_stages.sse_owner(arch, "sse34"))
+    evaluate.calibrate_bn(st.net, arch, calib)
+    with torch.no_grad():
+        expected = st.net((images - micro_data.mean) / micro_data.std, arch)
+    train_stages.swap_sub(st, before)
+    code = ("import torch\n"
+            "try:\n    import supernet\n    raise SystemExit('the project is importable')\n"
+            "except ImportError:\n    pass\n"
+            f"m = torch.export.load({str(program)!r}).module()\n"
+            f"torch.save(m(torch.load({str(tmp_path / 'x.pt')!r})), {str(tmp_path / 'y.pt')!r})\n")
+    subprocess.run([sys.executable, "-I", "-c", code], cwd=tmp_path, check=True)
+    logits = torch.load(tmp_path / "y.pt")
+    torch.testing.assert_close(logits, expected, rtol=1e-4, atol=1e-4)
+    assert search.load_export(out)(torch.zeros(1, 1, 28, 28)).shape == (1, 10)
