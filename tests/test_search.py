@@ -116,3 +116,48 @@ def test_exported_program_gives_the_supernets_logits_without_the_project(trained
     logits = torch.load(tmp_path / "y.pt")
     torch.testing.assert_close(logits, expected, rtol=1e-4, atol=1e-4)
     assert search.load_export(out)(torch.zeros(1, 1, 28, 28)).shape == (1, 10)
+
+
+def test_latency_is_measured_once_per_arch_and_kept(trained, micro_data, tmp_path):
+    st, _ = trained
+    log = search.SearchLog(tmp_path / "search.jsonl", "w", "cpu-test")
+    fitness = search.Fitness(st, micro_data, log)
+    arch = supernet.sample_arch(random.Random(2))
+    ms = fitness.latency(arch)
+    assert ms > 0
+    assert fitness.admits(arch, search.Budget(latency_ms=2 * ms))
+    assert not fitness.admits(arch, search.Budget(latency_ms=ms / 2))
+    again = search.SearchLog(tmp_path / "search.jsonl", "w", "cpu-test")
+    assert again.latency == {supernet.encode(arch): ms}
+    assert len((tmp_path / "search.jsonl").read_text().splitlines()) == 1
+
+
+def test_fine_tuning_killed_and_resumed_equals_uninterrupted(micro_data, tmp_path):
+    from dataclasses import replace
+    preset = replace(MICRO, checkpoint_every=2)
+    arch = supernet.sample_arch(random.Random(5))
+
+    def fresh():
+        torch.manual_seed(0)
+        return supernet.StaticNet(arch, preset.shape)
+
+    whole = fresh()
+    top1 = evaluate.train_static(whole, preset, micro_data, 0, 0.5)
+
+    class Killed:  # the data, with a kill at the fifth batch
+        def __getattr__(self, name):
+            return getattr(micro_data, name)
+
+        def train_batch(self, key, step, batch_size):
+            if step == 4:
+                raise KeyboardInterrupt
+            return micro_data.train_batch(key, step, batch_size)
+
+    state = tmp_path / "net.pt.finetune"
+    with pytest.raises(KeyboardInterrupt):
+        evaluate.train_static(fresh(), preset, Killed(), 0, 0.5, checkpoint=state)
+    assert torch.load(state, weights_only=True)["step"] == 4
+    resumed = fresh()
+    assert evaluate.train_static(resumed, preset, micro_data, 0, 0.5, checkpoint=state) == top1
+    for a, b in zip(whole.state_dict().values(), resumed.state_dict().values()):
+        assert torch.equal(a, b)
