@@ -189,6 +189,10 @@ GT_MOMENTUM = 0.9
 GT_NESTEROV = True
 GT_WEIGHT_DECAY = 5e-4
 GT_SCHEDULE = "linear warm-up over 5% of the steps, then cosine to 0"
+# The net evaluated is an exponential moving average of the weights (and BN buffers) whose
+# window is this fraction of the steps: it smooths the last stretch of a short run, where
+# one seed's last batches would otherwise move an arch's accuracy by more than archs differ.
+GT_EMA_WINDOW = 0.1
 
 
 def recipe_settings(preset: train_stages.Preset, device) -> dict:
@@ -213,7 +217,7 @@ def recipe_settings(preset: train_stages.Preset, device) -> dict:
             "epochs": preset.gt_epochs, "batch_size": preset.gt_batch_size, "lr": preset.gt_lr,
             "schedule": GT_SCHEDULE, "momentum": GT_MOMENTUM, "nesterov": GT_NESTEROV,
             "weight_decay": GT_WEIGHT_DECAY, "label_smoothing": preset.gt_label_smoothing,
-            "device": where}
+            "ema_window": GT_EMA_WINDOW, "device": where}
 
 
 def recipe(preset: train_stages.Preset, device) -> str:
@@ -234,7 +238,8 @@ def train_static(net: nn.Module, preset: train_stages.Preset, data, seed: int, e
     """Train a static net with the stand-alone recipe for `epochs`; held-out top-1.
 
     SGD with Nesterov momentum and weight decay, the schedule of every phase (linear warm-up,
-    then cosine to 0), the supernet's augmentation, optional label smoothing. The batches
+    then cosine to 0), the supernet's augmentation, optional label smoothing; the accuracy is
+    that of an exponential moving average of the weights (`GT_EMA_WINDOW`). The batches
     depend only on the seed, so every arch of one seed sees the same images in the same order,
     and archs differ only by what they are. With `checkpoint`, the net, optimizer and step
     are saved there every `preset.checkpoint_every` steps and a later call resumes from it.
@@ -245,12 +250,16 @@ def train_static(net: nn.Module, preset: train_stages.Preset, data, seed: int, e
     opt = torch.optim.SGD(net.parameters(), lr=preset.gt_lr, momentum=GT_MOMENTUM,
                           nesterov=GT_NESTEROV, weight_decay=GT_WEIGHT_DECAY)
     steps = max(1, round(epochs * data.train_size / preset.gt_batch_size))
+    decay = 1 - 1 / max(1.0, GT_EMA_WINDOW * steps)
+    ema = torch.optim.swa_utils.AveragedModel(
+        net, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(decay), use_buffers=True)
     key = mix_seed(seed, 0x67)
     start = 0
     if checkpoint is not None and checkpoint.exists():
         blob = torch.load(checkpoint, map_location=device, weights_only=True)
         net.load_state_dict(blob["net"])
         opt.load_state_dict(blob["optimizer"])
+        ema.load_state_dict(blob["ema"])
         start = blob["step"]
     net.train()
     loss = torch.zeros(())
@@ -263,13 +272,16 @@ def train_static(net: nn.Module, preset: train_stages.Preset, data, seed: int, e
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+        ema.update_parameters(net)
         if checkpoint is not None and (step + 1) % preset.checkpoint_every == 0:
-            state = {"net": net.state_dict(), "optimizer": opt.state_dict(), "step": step + 1}
+            state = {"net": net.state_dict(), "optimizer": opt.state_dict(),
+                     "ema": ema.state_dict(), "step": step + 1}
             train_stages.replace_atomically(checkpoint, lambda tmp: torch.save(state, tmp))
     if not math.isfinite(loss.item()):
         code = supernet.encode(net.arch) if hasattr(net, "arch") else "a static net"
         raise train_stages.TrainingError(f"non-finite loss training {code} stand-alone "
                                          f"(seed {seed})")
+    net.load_state_dict(ema.module.state_dict())  # the averaged weights are the result
     return accuracy(net, None, data.eval_batches(preset.eval_subset))
 
 
