@@ -166,6 +166,18 @@ def paired_difference(pred_a, pred_b, truth, n_boot: int = 1000, seed: int = 0) 
     return out
 
 
+def results_table(results: dict) -> dict:
+    """The final table as rows {label: metrics}: the supernet, the FLOPs and params rankings,
+    seed-vs-seed agreement and the noise ceiling (those two with 2 seeds only)."""
+    rows = {"supernet": results["metrics"], "FLOPs": results["flops"],
+            "params": results["params"]}
+    ceiling = results.get("noise_ceiling")
+    if ceiling:
+        rows["seed vs seed (R)"] = ceiling["seed_vs_seed"]
+        rows["ceiling"] = ceiling["ceiling"]
+    return {"rows": rows}
+
+
 def size_floors(truth: dict[str, float], preset: train_stages.Preset) -> dict:
     """Rank metrics of FLOPs and of parameter count against the ground truth: rankings that cost
     no training, which a supernet must beat to be worth its own."""
@@ -226,15 +238,16 @@ def recipe(preset: train_stages.Preset, device) -> str:
     return "gt-" + hashlib.sha1(settings.encode()).hexdigest()[:10]
 
 
-def train_standalone(arch: supernet.Arch, preset: train_stages.Preset, data, seed: int) -> float:
+def train_standalone(arch: supernet.Arch, preset: train_stages.Preset, data, seed: int,
+                     progress=None) -> float:
     """Train `arch` from scratch as a static net with the preset's recipe; held-out top-1."""
     torch.manual_seed(seed)
     net = supernet.StaticNet(arch, preset.shape).to(data.device)
-    return train_static(net, preset, data, seed, preset.gt_epochs)
+    return train_static(net, preset, data, seed, preset.gt_epochs, progress=progress)
 
 
 def train_static(net: nn.Module, preset: train_stages.Preset, data, seed: int, epochs: float,
-                 checkpoint: Path | None = None) -> float:
+                 checkpoint: Path | None = None, progress=None) -> float:
     """Train a static net with the stand-alone recipe for `epochs`; held-out top-1.
 
     SGD with Nesterov momentum and weight decay, the schedule of every phase (linear warm-up,
@@ -243,6 +256,7 @@ def train_static(net: nn.Module, preset: train_stages.Preset, data, seed: int, e
     depend only on the seed, so every arch of one seed sees the same images in the same order,
     and archs differ only by what they are. With `checkpoint`, the net, optimizer and step
     are saved there every `preset.checkpoint_every` steps and a later call resumes from it.
+    `progress(step, steps)` is called about 20 times along the way.
     """
     device = data.device
     if device.type == "cuda":
@@ -273,6 +287,8 @@ def train_static(net: nn.Module, preset: train_stages.Preset, data, seed: int, e
         loss.backward()
         opt.step()
         ema.update_parameters(net)
+        if progress and ((step + 1) % max(1, steps // 20) == 0 or step + 1 == steps):
+            progress(step + 1, steps)
         if checkpoint is not None and (step + 1) % preset.checkpoint_every == 0:
             state = {"net": net.state_dict(), "optimizer": opt.state_dict(),
                      "ema": ema.state_dict(), "step": step + 1}
@@ -374,12 +390,14 @@ def ground_truth(gt: GroundTruth, archs: list[supernet.Arch], seeds: int,
         seconds = None
         if acc is None:
             t = time.perf_counter()
-            acc = train_standalone(a, preset, data, seed)
+            acc = train_standalone(a, preset, data, seed, lambda step, steps: log(
+                "groundtruth_step", arch=code, seed=seed, step=step, steps=steps,
+                done=i, total=len(jobs)))
             seconds = time.perf_counter() - t
             gt.put(code, preset.dataset, r, seed, acc, seconds)
         per_seed[seed][code] = acc
         log("groundtruth", done=i + 1, total=len(jobs), arch=code, acc=acc, seed=seed,
-            seconds=seconds)
+            seconds=seconds, flops=supernet.size_of(a, preset.shape)[0])
     truth = {c: sum(s[c] for s in per_seed) / seeds for c in per_seed[0]}
     return truth, noise_ceiling(per_seed) if seeds == 2 else None
 
@@ -481,8 +499,14 @@ def make_probe(preset: train_stages.Preset, data, truth: dict[str, float]):
 
     def probe(st: train_stages.TrainState) -> dict | None:
         accs = evaluate_archs(st, archs, calib, evals)
-        return rank_metrics(list(accs.values()), [truth[c] for c in accs], n_boot=0)
+        metrics = rank_metrics(list(accs.values()), [truth[c] for c in accs], n_boot=0)
+        return {**metrics, "points": scatter_points(accs, truth)}
     return probe
+
+
+def scatter_points(accs: dict[str, float], truth: dict[str, float]) -> list[list[float]]:
+    """[supernet top-1, ground truth] per arch: what the UI's scatter plots."""
+    return [[accs[c], truth[c]] for c in truth if c in accs]
 
 
 def make_scorer(preset: train_stages.Preset, data):

@@ -416,11 +416,12 @@ def all_(preset: str = PresetOpt,
     evaluate.write_json_atomic(run_dir / "results.json", results)
     path = evaluate.write_report(run_dir, config, results)
     final = {k: results["metrics"][k] for k in ("pearson", "kendall", "spearman", "n")}
-    log("rank", stage="final", step=0, **final)
+    log("rank", stage="final", step=0, **final, points=evaluate.scatter_points(accs, truth))
     results["search"] = search.run_search(st, data, run_dir, search.default_budget(),
                                           ALL_SEARCH_POPULATION, ALL_SEARCH_GENERATIONS, seed, log)
     evaluate.write_json_atomic(run_dir / "results.json", results)
     path = evaluate.write_report(run_dir, config, results)
+    log("results", report=str(path), **evaluate.results_table(results))
     log("end", status="done", message=f"report: {path}")
     print_summary(results, path)
     print_search(results["search"], run_dir)

@@ -990,6 +990,8 @@ def train(st: TrainState, data, run_dir: Path | None, log, probe=None, score=Non
         st.stop_requested = True
 
     signal.signal(signal.SIGINT, on_sigint)
+    log("plan", phases=[{"stage": p.stage, "phase": p.name, "k": p.k,
+                         "steps": phase_length(p, st.preset, data.train_size)} for p in phases])
     stage_started = time.perf_counter()  # a resumed stage counts from the resume
     try:
         while st.phase_index < len(phases):

@@ -22,6 +22,7 @@ from pathlib import Path
 from textual.app import App, ComposeResult
 from textual.containers import Horizontal, Vertical
 from textual.widgets import DataTable, Footer, Log, ProgressBar, Sparkline, Static
+from textual_plotext import PlotextPlot
 
 POLL_SECONDS = 0.5
 CONFIRM_SECONDS = 5.0
@@ -117,11 +118,19 @@ class RunState:
         self.space: list[str] = []
         self.progress: dict = {}  # latest progress within that phase
         self.activity: dict = {}  # latest groundtruth/evaluate: shown instead of training progress
+        self.gt_rows: list[dict] = []  # finished stand-alone nets, in the order they finished
+        self.gt_changed = False
+        self.plan: list[dict] = []  # every phase of the training run: stage, phase, steps
+        self.stage_seconds: dict[str, float] = {}  # finished stages
+        self.rates: dict[str, float] = {}  # measured seconds per step, by phase
+        self.phase_clock: tuple[float, int] | None = None  # (time, step) the phase began at
+        self.points: list = []  # [supernet, truth] per arch, from the latest rank event
+        self.points_changed = False
+        self.results: dict = {}  # the final table
         self.pool: dict = {}
         self.pool_means: list[float] = []
         self.pool_changed = False
         self.rank: dict = {}
-        self.kendalls: list[float] = []
         self.ceiling: dict = {}
         self.end: dict | None = None
         self.last_time: float | None = None
@@ -152,18 +161,42 @@ class RunState:
     def _phase_start(self, e: dict) -> None:
         self.stage, self.phase_name = e.get("stage", ""), e.get("phase", "")
         self.phase, self.progress, self.activity = e, {}, {}
+        resumed_at = e.get("resumed_at") if _finite(e.get("resumed_at")) else 0
+        self.phase_clock = (e["time"], resumed_at) if _finite(e.get("time")) else None
         self.space = format_space(e.get("space"))
         self._say(e, f"phase {self.phase_name} started: {e.get('steps')} steps, lr {e.get('lr')}")
 
     def _progress(self, e: dict) -> None:
         self.stage = e.get("stage", self.stage)
         self.phase_name = e.get("phase", self.phase_name)
+        if self.phase_clock and _finite(e.get("time")) and _finite(e.get("step")):
+            t0, step0 = self.phase_clock
+            if e["step"] > step0:
+                self.rates[self.phase_name] = (e["time"] - t0) / (e["step"] - step0)
         self.progress, self.activity = e, {}
 
     def _activity(self, e: dict) -> None:
         """Ground truth, evaluation and search: shown in the phase panel instead of training."""
         self.stage, self.phase_name, self.activity = e.get("event"), "", e
 
+    def _groundtruth(self, e: dict) -> None:
+        self._activity(e)
+        other = next((r for r in self.gt_rows if r.get("arch") == e.get("arch")), None)
+        diff = e["acc"] - other["acc"] if other and _is_num(e.get("acc")) else None
+        self.gt_rows.append({**e, "seed_diff": diff})
+        self.gt_changed = True
+        self._say(e, f"ground truth {e.get('done')}/{e.get('total')}: seed {e.get('seed')} "
+                     f"top-1 {_num(e.get('acc'), '.4f')}" + (
+                         f" ({_num(e.get('seconds'), '.0f')} s)" if e.get("seconds") else
+                         " (stored)"))
+
+    def _plan(self, e: dict) -> None:
+        phases = e.get("phases")
+        self.plan = [p for p in phases if isinstance(p, dict)] if isinstance(phases, list) else []
+
+    def _results(self, e: dict) -> None:
+        self.results = e
+        self._say(e, f"report: {e.get('report')}")
     def _pool(self, e: dict) -> None:
         self.pool, self.pool_changed = e, True
         if _finite(e.get("mean_dist")):
@@ -171,8 +204,11 @@ class RunState:
 
     def _rank(self, e: dict) -> None:
         self.rank = e
-        if _finite(e.get("kendall")):
-            self.kendalls.append(e["kendall"])
+        points = e.get("points")
+        if isinstance(points, list):
+            self.points = [p for p in points if isinstance(p, list) and len(p) == 2
+                           and _finite(p[0]) and _finite(p[1])]
+            self.points_changed = True
 
     def _noise_ceiling(self, e: dict) -> None:
         self.ceiling = e
@@ -196,6 +232,8 @@ class RunState:
         self._say(e, f"phase {e.get('phase')} done: loss {_num(e.get('loss'), '.4f')}, {seconds} s")
 
     def _stage_end(self, e: dict) -> None:
+        if _finite(e.get("seconds")):
+            self.stage_seconds[str(e.get("stage"))] = e["seconds"]
         self._say(e, f"stage {e.get('stage')} done in {_num(e.get('seconds'), '.1f')} s")
 
     def _end(self, e: dict) -> None:
@@ -204,19 +242,67 @@ class RunState:
 
     HANDLERS = {
         "run_start": _run_start, "stage_start": _stage_start, "phase_start": _phase_start,
-        "progress": _progress, "groundtruth": _activity, "evaluate": _activity,
-        "search": _activity,
+        "progress": _progress, "groundtruth": _groundtruth, "evaluate": _activity,
+        "groundtruth_step": _activity, "search": _activity, "plan": _plan, "results": _results,
         "pool": _pool, "rank": _rank, "noise_ceiling": _noise_ceiling, "kd_teacher": _kd_teacher,
         "checkpoint": _checkpoint, "warning": _warning, "phase_end": _phase_end,
         "stage_end": _stage_end, "end": _end,
     }
 
     def step_counts(self) -> tuple[float, float | None]:
-        """(done, total) for the progress bar; total None while nothing is planned yet."""
-        source = self.activity or self.progress
-        done = source.get("done" if self.activity else "step")
-        total = source.get("total" if self.activity else "steps") or self.phase.get("steps")
+        """(done, total) for the progress bar; total None while nothing is planned yet. While a
+        stand-alone net trains, its own steps."""
+        if self.activity.get("event") == "groundtruth_step":
+            done, total = self.activity.get("step"), self.activity.get("steps")
+        elif self.activity:
+            done, total = self.activity.get("done"), self.activity.get("total")
+        else:
+            done = self.progress.get("step")
+            total = self.progress.get("steps") or self.phase.get("steps")
         return (done if _finite(done) else 0), (total if _finite(total) and total > 0 else None)
+
+    def eta(self) -> float | None:
+        """Seconds left: the ground-truth nets still to train at their measured mean time, and
+        every phase's remaining steps at its measured seconds per step (a phase not begun yet
+        at the rate of its stage's latest phase, else of the latest phase measured)."""
+        if self.end:
+            return 0.0
+        left = 0.0
+        timed = [r["seconds"] for r in self.gt_rows if _finite(r.get("seconds"))]
+        if self.activity.get("event") in ("groundtruth", "groundtruth_step") and timed:
+            done = self.activity.get("done") if _finite(self.activity.get("done")) else 0
+            total = self.activity.get("total") if _finite(self.activity.get("total")) else 0
+            left += max(0, total - done) * sum(timed) / len(timed)
+        if not self.plan:
+            return left if timed else None
+        current = self.phase.get("index") if _finite(self.phase.get("index")) else 0
+        step = self.progress.get("step") if _finite(self.progress.get("step")) else 0
+        latest = {}
+        rate = None
+        for i, p in enumerate(self.plan, 1):
+            measured = self.rates.get(p.get("phase"))
+            if measured is not None:
+                latest[p.get("stage")] = rate = measured
+            if i < current or not _finite(p.get("steps")):
+                continue
+            r = measured or latest.get(p.get("stage")) or rate
+            if r is None:
+                return None
+            left += (p["steps"] - (step if i == current else 0)) * r
+        return left
+
+    def timeline(self) -> list[tuple[str, str, float | None]]:
+        """(stage, done | running | waiting, seconds if done) along the run."""
+        out = []
+        if self.gt_rows or self.activity.get("event") in ("groundtruth", "groundtruth_step"):
+            training = bool(self.plan) or not self.activity.get("event", "").startswith("ground")
+            out.append(("ground truth", "done" if training else "running", None))
+        for stage in dict.fromkeys(str(p.get("stage")) for p in self.plan):
+            if stage in self.stage_seconds:
+                out.append((stage, "done", self.stage_seconds[stage]))
+            else:
+                out.append((stage, "running" if stage == self.stage else "waiting", None))
+        return out
 
 
 def phase_text(s: RunState) -> str:
@@ -239,6 +325,11 @@ def phase_text(s: RunState) -> str:
 
 
 def activity_text(a: dict) -> str:
+    if a.get("event") == "groundtruth_step":
+        arch = str(a.get("arch", ""))
+        return "\n".join([f"ground truth  {a.get('done')}/{a.get('total')} done",
+                          f"training {arch[:24]}{'…' if len(arch) > 24 else ''}",
+                          f"seed {a.get('seed')}  step {a.get('step')}/{a.get('steps')}"])
     lines = [f"{a.get('event')}  {a.get('done')}/{a.get('total')}"]
     if a.get("event") == "groundtruth":
         arch = str(a.get("arch", ""))
@@ -271,18 +362,63 @@ def rank_text(rank: dict, ceiling: dict) -> str:
     return "\n".join(lines)
 
 
+def timeline_text(s: RunState) -> str:
+    """Every stage of the run: done (with its time), running or waiting; and the ETA."""
+    marks = {"done": "✓", "running": "▶", "waiting": "·"}
+    parts = [f"{marks[status]} {stage}" + (f" {_ago(seconds)}" if seconds is not None else "")
+             for stage, status, seconds in s.timeline()]
+    eta = s.eta()
+    parts.append("done" if s.end else f"ETA {_ago(eta)}" if eta is not None else "ETA -")
+    return "  ".join(parts)
+
+
+GT_COLUMNS = ("#", "seed", "top-1", "Δ seeds", "MFLOPs", "s", "arch")
+
+
+def gt_row(r: dict) -> tuple:
+    """A ground-truth table row: done, seed, top-1, difference to the other seed, MFLOPs,
+    seconds (blank when it came from the cache), arch."""
+    flops = f"{r['flops'] / 1e6:.2f}" if _finite(r.get("flops")) else "-"
+    return (str(r.get("done")), str(r.get("seed")), _num(r.get("acc"), ".4f"),
+            _num(r.get("seed_diff"), "+.4f"), flops, _num(r.get("seconds"), ".0f"),
+            str(r.get("arch")))
+
+
+def final_cells(m: dict, name: str) -> str:
+    ci = m.get(f"{name}_ci")
+    ci_ok = isinstance(ci, list) and len(ci) == 2
+    interval = f" [{_num(ci[0], '.2f')}, {_num(ci[1], '.2f')}]" if ci_ok else ""
+    return _num(m.get(name), ".3f") + interval
+
+
+class RankScatter(PlotextPlot):
+    """Supernet top-1 (x) against ground truth (y), one point per arch; `points` holds them."""
+
+    def show(self, points: list, kendall) -> None:
+        self.points = [tuple(p) for p in points]
+        plt = self.plt
+        plt.clear_data()
+        plt.clear_figure()
+        if self.points:
+            plt.scatter([p[0] for p in self.points], [p[1] for p in self.points], marker="dot")
+        plt.title(f"supernet (x) vs truth (y)  τ {_num(kendall, '.3f')}")
+        self.refresh()
+
+
 class NasApp(App):
     CSS = """
     #status { height: 1; padding: 0 1; background: $primary; color: $text;
               text-wrap: nowrap; text-overflow: ellipsis; }
-    .row-top { height: 12; }
+    #timeline { height: 2; padding: 0 1; color: $text-muted; }
+    .row-top { height: 11; }
     .row-bottom { height: 1fr; }
     .panel { border: round $primary; border-title-color: $accent; padding: 0 1; }
-    #phase-panel { width: 38; }
-    #rank-panel { width: 32; }
+    #phase-panel { width: 36; }
+    #rank-panel { width: 44; }
     #progress Bar { width: 1fr; }
-    #pool-spark, #rank-spark { height: 2; margin-bottom: 1; }
-    #pool-members { height: 1fr; }
+    #pool-spark { height: 2; margin-bottom: 1; }
+    #pool-members, #gt-table, #final-table { height: 1fr; }
+    #scatter { height: 1fr; min-height: 4; }
     """
     BINDINGS = [("q", "quit_or_stop", "quit")]
     ENABLE_COMMAND_PALETTE = False
@@ -298,6 +434,7 @@ class NasApp(App):
 
     def compose(self) -> ComposeResult:
         yield Static(id="status", markup=False)
+        yield Static(id="timeline", markup=False)
         with Horizontal(classes="row-top"):
             with Vertical(id="phase-panel", classes="panel"):
                 yield Static(id="phase", markup=False)
@@ -306,20 +443,28 @@ class NasApp(App):
                 yield Static(id="pool", markup=False)
                 yield Sparkline([], id="pool-spark")
                 yield DataTable(id="pool-members", show_cursor=False)
+            with Vertical(id="gt-panel", classes="panel"):
+                yield DataTable(id="gt-table", show_cursor=False)
+            with Vertical(id="final-panel", classes="panel"):
+                yield Static(id="final-path", markup=False)
+                yield DataTable(id="final-table", show_cursor=False)
         with Horizontal(classes="row-bottom"):
             with Vertical(id="rank-panel", classes="panel"):
                 yield Static(id="rank", markup=False)
-                yield Sparkline([], id="rank-spark")
+                yield RankScatter(id="scatter")
             with Vertical(id="log-panel", classes="panel"):
                 yield Log(id="log", max_lines=5000)
         yield Footer()
 
     def on_mount(self) -> None:
         titles = {"phase-panel": "phase", "pool-panel": "constraint pool", "rank-panel": "rank",
-                  "log-panel": "log"}
+                  "log-panel": "log", "gt-panel": "ground truth", "final-panel": "results"}
         for panel_id, title in titles.items():
             self.query_one(f"#{panel_id}").border_title = title
         self.query_one("#pool-members", DataTable).add_columns("#", "arch")
+        self.query_one("#gt-table", DataTable).add_columns(*GT_COLUMNS)
+        self.query_one("#final-table", DataTable).add_columns("", "pearson", "kendall",
+                                                              "spearman", "n")
         self.poll_log()
         self.set_interval(POLL_SECONDS, self._tick)
 
@@ -343,7 +488,17 @@ class NasApp(App):
         self.query_one("#pool", Static).update(pool_text(s.pool))
         self.query_one("#pool-spark", Sparkline).data = list(s.pool_means)
         self.query_one("#rank", Static).update(rank_text(s.rank, s.ceiling))
-        self.query_one("#rank-spark", Sparkline).data = list(s.kendalls)
+        self.query_one("#timeline", Static).update(timeline_text(s))
+        if s.points_changed:
+            self.query_one("#scatter", RankScatter).show(s.points, s.rank.get("kendall"))
+            s.points_changed = False
+        if s.gt_changed:
+            table = self.query_one("#gt-table", DataTable)
+            table.clear()
+            table.add_rows(gt_row(r) for r in s.gt_rows)
+            table.move_cursor(row=len(s.gt_rows) - 1)  # the newest net in view
+            s.gt_changed = False
+        self._show_big_panel()
         if s.pool_changed:
             archs = s.pool.get("archs")
             self._fill_pool_table(archs if isinstance(archs, list) else [])
@@ -351,6 +506,25 @@ class NasApp(App):
         if s.new_log_lines:
             self.query_one("#log", Log).write_lines(s.new_log_lines)
             s.new_log_lines = []
+
+    def _show_big_panel(self) -> None:
+        """The results once there are some, the ground truth while it trains, else the pool."""
+        s = self.state
+        in_gt = s.activity.get("event") in ("groundtruth", "groundtruth_step") and not s.plan
+        shown = "final" if s.results else "gt" if in_gt else "pool"
+        for name in ("final", "gt", "pool"):
+            self.query_one(f"#{name}-panel").display = name == shown
+        if s.results and not self.query_one("#final-table", DataTable).row_count:
+            self._fill_final_table(s.results)
+
+    def _fill_final_table(self, results: dict) -> None:
+        self.query_one("#final-path", Static).update(f"report: {results.get('report')}")
+        rows = results.get("rows") if isinstance(results.get("rows"), dict) else {}
+        table = self.query_one("#final-table", DataTable)
+        for label, m in rows.items():
+            if isinstance(m, dict):
+                table.add_row(label, *(final_cells(m, k) for k in ("pearson", "kendall",
+                                                                   "spearman")), str(m.get("n")))
 
     def _fill_pool_table(self, archs: list) -> None:
         table = self.query_one("#pool-members", DataTable)

@@ -74,7 +74,7 @@ def test_paired_difference_is_the_metric_difference_with_an_interval_around_it()
 def test_ground_truth_cache_skips_trained_archs_and_resumes(tmp_path, monkeypatch, micro_data):
     calls = []
 
-    def fake_train(arch, preset, data, seed):
+    def fake_train(arch, preset, data, seed, progress=None):
         calls.append((supernet.encode(arch), seed))
         if len(calls) == 3 and not resumed:
             raise KeyboardInterrupt  # killed while training the third net

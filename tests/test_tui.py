@@ -42,7 +42,7 @@ TRAINING = [
     {"event": "pool", "stage": "cpt", "step": 40, "size": 3, "mean_dist": 53.2, "min_dist": 12,
      "novelty": 48.1, "archs": [ARCH_A, ARCH_B, ARCH_C]},
     {"event": "rank", "stage": "cpt", "step": 40, "pearson": 0.61, "kendall": 0.4567,
-     "spearman": 0.62, "n": 12},
+     "spearman": 0.62, "n": 3, "points": [[0.5, 0.8], [0.55, 0.82], [0.6, 0.81]]},
     {"event": "checkpoint", "path": "runs/tiny-demo/checkpoints/last.pt", "stage": "cpt",
      "phase": "cpt/1", "step": 40},
     {"event": "warning", "message": "loss is noisy at lr 0.01"},
@@ -106,8 +106,8 @@ def test_widgets_match_the_log(tmp_path):
         assert list(table.get_column_at(1)) == [ARCH_A, ARCH_B, ARCH_C]
         assert "kendall 0.457" in text(app, "#rank")
         assert "ceiling P 0.90 τ 0.80" in text(app, "#rank")
-        kendalls = [e["kendall"] for e in TRAINING if e["event"] == "rank"]
-        assert app.query_one("#rank-spark", Sparkline).data == kendalls
+        assert app.query_one("#scatter", tui.RankScatter).points == [(0.5, 0.8), (0.55, 0.82),
+                                                                      (0.6, 0.81)]
         log = "\n".join(app.query_one("#log", Log).lines)
         assert "loss is noisy at lr 0.01" in log and "checkpoint cpt/1 step 40" in log
         assert "running" in text(app, "#status") and "tiny-demo" in text(app, "#status")
@@ -227,3 +227,94 @@ def test_run_tui_says_whether_training_goes_on(tmp_path, monkeypatch, capsys):
     append(log_file, lines(AFTER))
     tui.run_tui(tmp_path)
     assert capsys.readouterr().out == ""
+
+
+GROUND_TRUTH = [
+    {"event": "run_start", "run": "gt-demo", "preset": "tiny", "stages": ["warmup"], "seed": 0},
+    {"event": "groundtruth", "done": 1, "total": 4, "arch": ARCH_A, "acc": 0.81, "seed": 0,
+     "seconds": 40.0, "flops": 5.5e6},
+    {"event": "groundtruth", "done": 2, "total": 4, "arch": ARCH_A, "acc": 0.83, "seed": 1,
+     "seconds": 44.0, "flops": 5.5e6},
+    {"event": "groundtruth", "done": 3, "total": 4, "arch": ARCH_B, "acc": 0.79, "seed": 0,
+     "seconds": None, "flops": 2.25e6},
+    {"event": "groundtruth_step", "arch": ARCH_B, "seed": 1, "step": 30, "steps": 120,
+     "done": 3, "total": 4},
+]
+
+
+def test_ground_truth_table_grows_with_the_log_and_shows_the_net_in_training(tmp_path):
+    (tmp_path / "events.jsonl").write_text(lines(GROUND_TRUTH))
+    app = NasApp(tmp_path)
+
+    async def script(pilot):
+        await pilot.pause()
+        table = app.query_one("#gt-table", DataTable)
+        assert app.query_one("#gt-panel").display and not app.query_one("#pool-panel").display
+        rows = [tuple(table.get_row_at(i)) for i in range(table.row_count)]
+        finished = [e for e in GROUND_TRUTH if e["event"] == "groundtruth"]
+        assert [(r[1], r[2], r[6]) for r in rows] == [
+            (str(e["seed"]), f"{e['acc']:.4f}", e["arch"]) for e in finished]
+        assert rows == [("1", "0", "0.8100", "-", "5.50", "40", ARCH_A),
+                        ("2", "1", "0.8300", "+0.0200", "5.50", "44", ARCH_A),
+                        ("3", "0", "0.7900", "-", "2.25", "-", ARCH_B)]
+        assert "seed 1  step 30/120" in text(app, "#phase")
+        bar = app.query_one("#progress", ProgressBar)
+        assert (bar.progress, bar.total) == (30, 120)
+        log = app.query_one("#log", Log).lines
+        assert sum("ground truth" in line for line in log) == 3
+        # one net of 4 left at the mean of the timed ones (42 s)
+        assert app.state.eta() == 42.0 and "ETA 42 s" in text(app, "#timeline")
+
+    drive(app, script)
+
+
+def test_eta_from_measured_rates_and_planned_steps(tmp_path):
+    plan = [{"stage": "warmup", "phase": "warmup", "k": 1, "steps": 100},
+            {"stage": "aps_depth", "phase": "aps_depth/1", "k": 4, "steps": 50},
+            {"stage": "aps_depth", "phase": "aps_depth/2", "k": 4, "steps": 80},
+            {"stage": "cpt", "phase": "cpt", "k": 1, "steps": 40}]
+    events = [{"event": "plan", "phases": plan},
+              {"event": "stage_start", "stage": "warmup"},
+              {"event": "phase_start", "stage": "warmup", "phase": "warmup", "index": 1, "of": 4,
+               "steps": 100, "resumed_at": 0},
+              {"event": "progress", "stage": "warmup", "phase": "warmup", "step": 100,
+               "steps": 100},
+              {"event": "stage_end", "stage": "warmup", "seconds": 100.0},
+              {"event": "stage_start", "stage": "aps_depth"},
+              {"event": "phase_start", "stage": "aps_depth", "phase": "aps_depth/1", "index": 2,
+               "of": 4, "steps": 50, "resumed_at": 0},
+              {"event": "progress", "stage": "aps_depth", "phase": "aps_depth/1", "step": 10,
+               "steps": 50}]
+    # times: warmup 1 s/step; aps_depth/1 started at 200 and took 30 s for its first 10 steps
+    times = [0, 0, 100, 200, 200, 200, 200, 230]
+    (tmp_path / "events.jsonl").write_text("".join(
+        json.dumps({"time": T0 + t, **e}) + "\n" for t, e in zip(times, events)))
+    state = tui.RunState("eta")
+    for e in tui.EventTail(tmp_path / "events.jsonl").read():
+        state.apply(e)
+    # aps_depth/1: 40 steps left at 3 s; aps_depth/2: 80 at its stage's 3 s; cpt: 40 at the
+    # latest measured rate, 3 s
+    assert state.eta() == 40 * 3 + 80 * 3 + 40 * 3
+    assert [(s, status) for s, status, _ in state.timeline()] == [
+        ("warmup", "done"), ("aps_depth", "running"), ("cpt", "waiting")]
+
+
+def test_the_final_table_shows_the_results_and_the_report(tmp_path):
+    results = {"rows": {"supernet": {"pearson": 0.5, "kendall": 0.41, "spearman": 0.52, "n": 40,
+                                     "kendall_ci": [0.2, 0.6]},
+                        "FLOPs": {"pearson": 0.1, "kendall": 0.05, "spearman": 0.08, "n": 40}}}
+    events = TRAINING + [{"event": "results", "report": "runs/x/report.md", **results},
+                         {"event": "end", "status": "done", "message": "report: runs/x/report.md"}]
+    (tmp_path / "events.jsonl").write_text(lines(events))
+    app = NasApp(tmp_path)
+
+    async def script(pilot):
+        await pilot.pause()
+        assert app.query_one("#final-panel").display
+        table = app.query_one("#final-table", DataTable)
+        assert table.get_row_at(0) == ["supernet", "0.500", "0.410 [0.20, 0.60]", "0.520", "40"]
+        assert table.get_row_at(1)[0] == "FLOPs" and table.get_row_at(1)[2] == "0.050"
+        assert "runs/x/report.md" in text(app, "#final-path")
+        assert "done" in text(app, "#timeline")
+
+    drive(app, script)
