@@ -876,11 +876,19 @@ def update_mean_teacher(st: TrainState, archs, momentum: float = PINAS_MOMENTUM)
 def linear_head_step(st: TrainState, phase: Phase, x, y):
     """Π-NAS's ranking needs a classifier (its training saw no labels): our reading of its linear
     evaluation trains only the supernet's sliced classifier on frozen features, a random path
-    per batch, so every arch can then be ranked by calibrated top-1 like any other run's."""
+    per batch, so every arch can then be ranked by calibrated top-1 like any other run's.
+    Frozen includes BN: features use the batch's statistics, and the running statistics stay
+    as Π-NAS left them (every evaluation recalibrates them per arch anyway)."""
     arch = sample_in(st, phase)
+    bns = [m for m in st.net.modules() if isinstance(m, nn.BatchNorm2d)]
+    momenta = [bn.momentum for bn in bns]
+    for bn in bns:  # batch statistics, as in training, but the running ones stay Π-NAS's
+        bn.momentum = 0.0
     with autocast(x.device):
         with torch.no_grad():
             f = st.net.features(x, arch)
+    for bn, m in zip(bns, momenta):
+        bn.momentum = m
         logits = F.linear(f, st.net.fc.weight[:, :f.shape[1]], st.net.fc.bias)
         loss = F.cross_entropy(logits, y)
     loss.backward()

@@ -180,6 +180,13 @@ def test_resume_restores_teacher_and_queue_exactly(tmp_path, micro_data):
 def test_linear_head_trains_only_the_classifier(micro_data):
     st = train_stages.new_state(PINAS, ("linear_head",), 0, "cpu")
     before = {k: v.clone() for k, v in st.net.named_parameters()}
+    buffers = {k: v.clone() for k, v in st.net.named_buffers() if "running" in k}
     train_stages.train(st, micro_data, None, train_stages.EventLog(None))
     for k, v in st.net.named_parameters():
         assert torch.equal(v, before[k]) != k.startswith("fc."), k
+    # the features are frozen with their BN statistics: the running ones do not move
+    for k, v in st.net.named_buffers():
+        if "running" in k:
+            assert torch.equal(v, buffers[k]), k
+    assert all(m.momentum == 0.1 for m in st.net.modules()
+               if isinstance(m, torch.nn.BatchNorm2d))
