@@ -1,4 +1,5 @@
 import json
+from dataclasses import replace
 
 import pytest
 from typer.testing import CliRunner
@@ -80,7 +81,7 @@ def test_arch_json_has_the_documented_keys():
 
 def test_all_runs_the_pipeline_and_report_rewrites_its_report(runs, monkeypatch, micro_data):
     from conftest import MICRO
-    monkeypatch.setitem(train_stages.PRESETS, "micro", MICRO)
+    monkeypatch.setitem(train_stages.PRESETS, "micro", replace(MICRO, probe_every=0))
     result = runner.invoke(nas.app, ["all", "--preset", "micro", "--name", "m", "--device", "cpu"])
     assert result.exit_code == 0, result.output
     results = json.loads((runs / "m" / "results.json").read_text())
