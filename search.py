@@ -308,8 +308,15 @@ def run_search(st: train_stages.TrainState, data, run_dir: Path, budget: Budget,
     weights = f"phase {st.phase_index} step {st.step}"
     search_log = SearchLog(run_dir / "search.jsonl", weights, evaluate.machine_name(data.device))
     fitness = Fitness(st, data, search_log)
+
+    def log_with_front(event: str, **fields):  # the UI draws the front as it grows
+        front = pareto_front([{"flops": challenge_size(supernet.decode(c))[0], "top1": t}
+                              for c, t in search_log.top1.items()])
+        return log(event, **fields, front=[[p["flops"] / 1e9, p["top1"]] for p in front])
+
     started = time.perf_counter()
-    evolve(fitness, lambda a: fitness.admits(a, budget), population, generations, seed, log)
+    evolve(fitness, lambda a: fitness.admits(a, budget), population, generations, seed,
+           log_with_front)
     seconds = time.perf_counter() - started
     summary = search_summary(search_log, budget, fitness)
     summary["evaluated_now"] = fitness.evaluated

@@ -179,6 +179,15 @@ class RunState:
         """Ground truth, evaluation and search: shown in the phase panel instead of training."""
         self.stage, self.phase_name, self.activity = e.get("event"), "", e
 
+    def _search(self, e: dict) -> None:
+        """The search's Pareto front so far takes the scatter: GFLOPs (x) against top-1 (y)."""
+        self._activity(e)
+        front = e.get("front")
+        if isinstance(front, list):
+            self.points = [p for p in front if isinstance(p, list) and len(p) == 2
+                           and _finite(p[0]) and _finite(p[1])]
+            self.points_changed = True
+
     def _groundtruth(self, e: dict) -> None:
         self._activity(e)
         other = next((r for r in self.gt_rows if r.get("arch") == e.get("arch")), None)
@@ -243,7 +252,7 @@ class RunState:
     HANDLERS = {
         "run_start": _run_start, "stage_start": _stage_start, "phase_start": _phase_start,
         "progress": _progress, "groundtruth": _groundtruth, "evaluate": _activity,
-        "groundtruth_step": _activity, "search": _activity, "plan": _plan, "results": _results,
+        "groundtruth_step": _activity, "search": _search, "plan": _plan, "results": _results,
         "pool": _pool, "rank": _rank, "noise_ceiling": _noise_ceiling, "kd_teacher": _kd_teacher,
         "checkpoint": _checkpoint, "warning": _warning, "phase_end": _phase_end,
         "stage_end": _stage_end, "end": _end,
@@ -392,16 +401,17 @@ def final_cells(m: dict, name: str) -> str:
 
 
 class RankScatter(PlotextPlot):
-    """Supernet top-1 (x) against ground truth (y), one point per arch; `points` holds them."""
+    """Supernet top-1 (x) against ground truth (y), one point per arch, or the search's front;
+    `points` holds what is drawn."""
 
-    def show(self, points: list, kendall) -> None:
+    def show(self, points: list, title: str) -> None:
         self.points = [tuple(p) for p in points]
         plt = self.plt
         plt.clear_data()
         plt.clear_figure()
         if self.points:
             plt.scatter([p[0] for p in self.points], [p[1] for p in self.points], marker="dot")
-        plt.title(f"supernet (x) vs truth (y)  τ {_num(kendall, '.3f')}")
+        plt.title(title)
         self.refresh()
 
 
@@ -490,7 +500,10 @@ class NasApp(App):
         self.query_one("#rank", Static).update(rank_text(s.rank, s.ceiling))
         self.query_one("#timeline", Static).update(timeline_text(s))
         if s.points_changed:
-            self.query_one("#scatter", RankScatter).show(s.points, s.rank.get("kendall"))
+            searching = s.activity.get("event") == "search"
+            title = ("search front: GFLOPs (x) vs top-1 (y)" if searching else
+                     f"supernet (x) vs truth (y)  τ {_num(s.rank.get('kendall'), '.3f')}")
+            self.query_one("#scatter", RankScatter).show(s.points, title)
             s.points_changed = False
         if s.gt_changed:
             table = self.query_one("#gt-table", DataTable)

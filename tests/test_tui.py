@@ -60,7 +60,8 @@ AFTER = [
     {"event": "evaluate", "done": 10, "total": 12},
     {"event": "kd_teacher", "warmup_top1": 0.71, "largest_subnet_top1": 0.74,
      "chosen": "largest subnet"},
-    {"event": "search", "done": 2, "total": 4, "best": ARCH_C, "top1": 0.8123, "evaluated": 30},
+    {"event": "search", "done": 2, "total": 4, "best": ARCH_C, "top1": 0.8123, "evaluated": 30,
+     "front": [[2.6, 0.70], [4.1, 0.81]]},
     {"event": "end", "status": "done", "message": "results in runs/tiny-demo/results.json"},
 ]
 
@@ -117,6 +118,7 @@ def test_widgets_match_the_log(tmp_path):
         await pilot.pause()
         assert "search  2/4" in text(app, "#phase") and "top-1 0.8123" in text(app, "#phase")
         assert "30 archs evaluated" in text(app, "#phase")
+        assert app.query_one("#scatter", tui.RankScatter).points == [(2.6, 0.70), (4.1, 0.81)]
         assert any("the largest subnet" in line for line in app.query_one("#log", Log).lines)
         assert "finished" in text(app, "#status")
         assert "end: done" in app.query_one("#log", Log).lines[-1]
