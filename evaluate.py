@@ -225,7 +225,8 @@ def recipe_settings(preset: train_stages.Preset, device) -> dict:
             "in_channels": preset.in_channels, "num_classes": preset.num_classes,
             "width_mult": preset.width_mult, "divisor": preset.divisor,
             "train_subset": preset.train_subset, "eval_subset": preset.eval_subset,
-            "augment": f"random crop, zero pad {pad} px; horizontal flip",
+            "augment": ("random resized crop; horizontal flip" if preset.dataset == "imagenet"
+                        else f"random crop, zero pad {pad} px; horizontal flip"),
             "epochs": preset.gt_epochs, "batch_size": preset.gt_batch_size, "lr": preset.gt_lr,
             "schedule": GT_SCHEDULE, "momentum": GT_MOMENTUM, "nesterov": GT_NESTEROV,
             "weight_decay": GT_WEIGHT_DECAY, "label_smoothing": preset.gt_label_smoothing,
@@ -247,7 +248,7 @@ def train_standalone(arch: supernet.Arch, preset: train_stages.Preset, data, see
 
 
 def train_static(net: nn.Module, preset: train_stages.Preset, data, seed: int, epochs: float,
-                 checkpoint: Path | None = None, progress=None) -> float:
+                 checkpoint: Path | None = None, progress=None, what: str = "") -> float:
     """Train a static net with the stand-alone recipe for `epochs`; held-out top-1.
 
     SGD with Nesterov momentum and weight decay, the schedule of every phase (linear warm-up,
@@ -255,8 +256,10 @@ def train_static(net: nn.Module, preset: train_stages.Preset, data, seed: int, e
     that of an exponential moving average of the weights (`GT_EMA_WINDOW`). The batches
     depend only on the seed, so every arch of one seed sees the same images in the same order,
     and archs differ only by what they are. With `checkpoint`, the net, optimizer and step
-    are saved there every `preset.checkpoint_every` steps and a later call resumes from it.
-    `progress(step, steps)` is called about 20 times along the way.
+    are saved there every `preset.checkpoint_every` steps with `what` (the arch, the run; the
+    seed and epochs are added), and a later call with the same resumes from it; ValueError
+    when the file belongs to another training. `progress(step, steps)` is called about 20
+    times along the way.
     """
     device = data.device
     if device.type == "cuda":
@@ -269,8 +272,12 @@ def train_static(net: nn.Module, preset: train_stages.Preset, data, seed: int, e
         net, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(decay), use_buffers=True)
     key = mix_seed(seed, 0x67)
     start = 0
+    identity = f"{what}, seed {seed}, {epochs:g} epochs"
     if checkpoint is not None and checkpoint.exists():
         blob = torch.load(checkpoint, map_location=device, weights_only=True)
+        if blob.get("identity") != identity:
+            raise ValueError(f"{checkpoint} holds another training ({blob.get('identity')}); "
+                             "delete it or choose another --out")
         net.load_state_dict(blob["net"])
         opt.load_state_dict(blob["optimizer"])
         ema.load_state_dict(blob["ema"])
@@ -291,7 +298,7 @@ def train_static(net: nn.Module, preset: train_stages.Preset, data, seed: int, e
             progress(step + 1, steps)
         if checkpoint is not None and (step + 1) % preset.checkpoint_every == 0:
             state = {"net": net.state_dict(), "optimizer": opt.state_dict(),
-                     "ema": ema.state_dict(), "step": step + 1}
+                     "ema": ema.state_dict(), "step": step + 1, "identity": identity}
             train_stages.replace_atomically(checkpoint, lambda tmp: torch.save(state, tmp))
     if not math.isfinite(loss.item()):
         code = supernet.encode(net.arch) if hasattr(net, "arch") else "a static net"

@@ -13,6 +13,7 @@ stderr and exit code 2.
 """
 
 import json
+import math
 import random
 import subprocess
 import sys
@@ -149,6 +150,12 @@ class Console:
                        f"  spearman {f['spearman']:.3f}  (n = {f['n']})")
         elif event == "warning":
             typer.echo(f"warning: {f['message']}", err=True)
+        elif event == "kd_teacher":
+            typer.echo(f"SSE teacher: warm-up {f['warmup_top1']:.4f}, largest subnet "
+                       f"{f['largest_subnet_top1']:.4f}: the {f['chosen']}")
+        elif event == "search":
+            typer.echo(f"search generation {f['done']}/{f['total']}: best {f['top1']:.4f}, "
+                       f"{f['evaluated']} archs evaluated")
         return record
 
     def _new_task(self, name: str, total: int, done: int):
@@ -385,12 +392,19 @@ def report(name: str = NameOpt):
     except (OSError, ValueError, KeyError):
         die(f"run {name!r} has no ground-truth results yet: "
             f"run `nas.py evaluate --name {name}` first")
+    if (run_dir / "search.json").exists():  # the latest search of the run, by `all` or `search`
+        results["search"] = json.loads((run_dir / "search.json").read_text())
     try:
         path = evaluate.write_report(run_dir, config, results)
-    except (KeyError, TypeError):
+    except (KeyError, TypeError, ValueError):
         die(f"{run_dir / 'results.json'} was written by another version: "
             f"run `nas.py evaluate --name {name}` again")
     print_summary(results, path)
+
+
+# `all` ends with a short search under the default budget (half the largest arch's FLOPs)
+ALL_SEARCH_POPULATION = 16
+ALL_SEARCH_GENERATIONS = 4
 
 
 @app.command(name="all")
@@ -409,6 +423,7 @@ def all_(preset: str = PresetOpt,
     run_dir = open_run(name, config, resume, RUNS)
     log = Console(train_stages.EventLog(run_dir / "events.jsonl"), quiet=False)
     log("run_start", run=name, preset=p.name, stages=list(chosen), seed=seed, resumed=resume)
+    log("plan", phases=train_stages.phase_plan(p, chosen, aps, data.train_size))
     truth, ceiling = ground_truth(run_dir, p, data, log, p.gt_n, p.gt_seeds, seed)
     st = train_run(run_dir, config, data, device, log, evaluate.make_probe(p, data, truth))
     accs = evaluate.evaluate_run(st, data, [supernet.decode(c) for c in truth], log)
@@ -417,8 +432,12 @@ def all_(preset: str = PresetOpt,
     path = evaluate.write_report(run_dir, config, results)
     final = {k: results["metrics"][k] for k in ("pearson", "kendall", "spearman", "n")}
     log("rank", stage="final", step=0, **final, points=evaluate.scatter_points(accs, truth))
-    results["search"] = search.run_search(st, data, run_dir, search.default_budget(),
-                                          ALL_SEARCH_POPULATION, ALL_SEARCH_GENERATIONS, seed, log)
+    try:
+        results["search"] = search.run_search(st, data, run_dir, search.default_budget(),
+                                              ALL_SEARCH_POPULATION, ALL_SEARCH_GENERATIONS,
+                                              seed, log)
+    except ValueError as e:
+        die(str(e))
     evaluate.write_json_atomic(run_dir / "results.json", results)
     path = evaluate.write_report(run_dir, config, results)
     log("results", report=str(path), **evaluate.results_table(results))
@@ -426,10 +445,6 @@ def all_(preset: str = PresetOpt,
     print_summary(results, path)
     print_search(results["search"], run_dir)
 
-
-# `all` ends with a short search under the default budget (half the largest arch's FLOPs)
-ALL_SEARCH_POPULATION = 16
-ALL_SEARCH_GENERATIONS = 4
 
 
 def parse_budget(flops: str | None, params: str | None,
@@ -465,8 +480,9 @@ def search_cmd(name: str = NameOpt,
                params: str = typer.Option(None, help="parameter budget, same units, e.g. 8M"),
                latency_ms: float = typer.Option(None, help="latency budget on this machine "
                                                            "(batch 1, the preset's net)"),
-               population: int = typer.Option(50, min=4),
-               generations: int = typer.Option(20, min=0),
+               population: int = typer.Option(50, min=4, help="archs per generation"),
+               generations: int = typer.Option(20, min=0, help="generations after the first, "
+                                                               "uniform one (0: only that)"),
                seed: int = 0, device: str = DeviceOpt, data_dir: Path = DataDirOpt,
                quiet: bool = False):
     """Evolutionary search for the best subnet under a budget (search.json, search.png)."""
@@ -492,6 +508,10 @@ def export(name: str = NameOpt, code: str = typer.Argument(..., help="the arch t
            seed: int = 0, device: str = DeviceOpt, data_dir: Path = DataDirOpt):
     """Write a subnet with inherited weights and recalibrated BN, optionally fine-tuned."""
     arch = parse_arch(code)
+    if out.suffix == ".pt2":
+        die(f"--out {out}: the program goes beside it as .pt2; name the state file .pt")
+    if not math.isfinite(finetune):
+        die(f"--finetune must be a finite number of epochs, got {finetune}")
     if out.exists():
         die(f"{out} exists; choose another --out")
     if not out.parent.is_dir():
@@ -504,17 +524,22 @@ def export(name: str = NameOpt, code: str = typer.Argument(..., help="the arch t
     net = search.inherited_subnet(st, arch, calib)
     top1 = evaluate.accuracy(net, None, data.eval_batches(preset.eval_subset))
     typer.echo(f"top-1 with inherited weights: {top1:.4f}")
+    state = out.with_name(out.name + ".finetune")
     if finetune:
-        state = out.with_name(out.name + ".finetune")
         try:
-            top1 = evaluate.train_static(net, preset, data, seed, finetune, checkpoint=state)
+            evaluate.train_static(net, preset, data, seed, finetune, checkpoint=state,
+                                  what=f"{supernet.encode(arch)} of run {name}")
         except KeyboardInterrupt:
             die(f"interrupted: run the same command again to go on from {state}", 130)
+        except ValueError as e:
+            die(str(e))
         except train_stages.TrainingError as e:
             die(str(e), 1)
-        state.unlink(missing_ok=True)
+        evaluate.calibrate_bn(net, None, calib)  # exact statistics for the weights it ends with
+        top1 = evaluate.accuracy(net, None, data.eval_batches(preset.eval_subset))
         typer.echo(f"top-1 after {finetune:g} epochs of fine-tuning: {top1:.4f}")
     paths = search.save_export(out, net, preset, data.mean, data.std)
+    state.unlink(missing_ok=True)  # only once the result is safe
     typer.echo(f"wrote {paths[0]} (StaticNet state) and {paths[1]} (torch.export program)")
 
 

@@ -23,7 +23,7 @@ import random
 import re
 import statistics
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -125,8 +125,14 @@ class SearchLog:
                 self.latency[e["arch"]] = e["latency_ms"]
 
     def append(self, record: dict) -> None:
+        cut = self.path.exists() and self.path.stat().st_size and not self._ends_with_newline()
         with self.path.open("a") as f:
-            f.write(json.dumps(record) + "\n")
+            f.write(("\n" if cut else "") + json.dumps(record) + "\n")  # after a cut line
+
+    def _ends_with_newline(self) -> bool:
+        with self.path.open("rb") as f:
+            f.seek(-1, 2)
+            return f.read(1) == b"\n"
 
 
 class Fitness:
@@ -305,7 +311,8 @@ def run_search(st: train_stages.TrainState, data, run_dir: Path, budget: Budget,
                population: int, generations: int, seed: int, log) -> dict:
     """Search, then write `search.json` and `search.png` in the run folder; their summary."""
     check_budget(budget)
-    weights = f"phase {st.phase_index} step {st.step}"
+    # the weights and how they are run: another device or precision gives other top-1s
+    weights = f"phase {st.phase_index} step {st.step}, {data.device.type}"
     search_log = SearchLog(run_dir / "search.jsonl", weights, evaluate.machine_name(data.device))
     fitness = Fitness(st, data, search_log)
 
@@ -365,7 +372,6 @@ def save_export(out: Path, net: supernet.StaticNet, preset: train_stages.Preset,
                 mean: torch.Tensor, std: torch.Tensor) -> tuple[Path, Path]:
     """`out` (code, preset and state_dict for StaticNet) and `out` with suffix .pt2 (the
     torch.export program on [0, 1] images, batch size free)."""
-    from dataclasses import asdict
     net = net.cpu().eval()
     train_stages.replace_atomically(out, lambda tmp: torch.save(
         {"code": supernet.encode(net.arch), "preset": asdict(preset),

@@ -27,6 +27,7 @@ import random
 import signal
 import time
 from collections import deque
+from contextlib import contextmanager
 from copy import deepcopy
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -880,19 +881,28 @@ def linear_head_step(st: TrainState, phase: Phase, x, y):
     Frozen includes BN: features use the batch's statistics, and the running statistics stay
     as Π-NAS left them (every evaluation recalibrates them per arch anyway)."""
     arch = sample_in(st, phase)
-    bns = [m for m in st.net.modules() if isinstance(m, nn.BatchNorm2d)]
-    momenta = [bn.momentum for bn in bns]
-    for bn in bns:  # batch statistics, as in training, but the running ones stay Π-NAS's
-        bn.momentum = 0.0
     with autocast(x.device):
-        with torch.no_grad():
+        with torch.no_grad(), running_statistics_frozen(st.net):
             f = st.net.features(x, arch)
-    for bn, m in zip(bns, momenta):
-        bn.momentum = m
         logits = F.linear(f, st.net.fc.weight[:, :f.shape[1]], st.net.fc.bias)
         loss = F.cross_entropy(logits, y)
     loss.backward()
     return [arch], [loss.detach()]
+
+
+@contextmanager
+def running_statistics_frozen(net: nn.Module):
+    """BN normalizes with the batch's statistics, as in training, and keeps its running ones:
+    momentum 0 makes the running update r <- (1 - 0) r + 0 b a no-op."""
+    bns = [m for m in net.modules() if isinstance(m, nn.BatchNorm2d)]
+    momenta = [bn.momentum for bn in bns]
+    for bn in bns:
+        bn.momentum = 0.0
+    try:
+        yield
+    finally:
+        for bn, m in zip(bns, momenta):
+            bn.momentum = m
 
 
 # ---------------------------------------------------------------- one step of any stage
@@ -998,8 +1008,7 @@ def train(st: TrainState, data, run_dir: Path | None, log, probe=None, score=Non
         st.stop_requested = True
 
     signal.signal(signal.SIGINT, on_sigint)
-    log("plan", phases=[{"stage": p.stage, "phase": p.name, "k": p.k,
-                         "steps": phase_length(p, st.preset, data.train_size)} for p in phases])
+    log("plan", phases=phase_plan(st.preset, st.stages, st.aps, data.train_size))
     stage_started = time.perf_counter()  # a resumed stage counts from the resume
     try:
         while st.phase_index < len(phases):
@@ -1026,6 +1035,13 @@ def train(st: TrainState, data, run_dir: Path | None, log, probe=None, score=Non
     finally:
         signal.signal(signal.SIGINT, previous)
     return st
+
+
+def phase_plan(preset: Preset, stages, aps: str, train_size: int) -> list[dict]:
+    """Every phase of a run with its paths per step and steps: what the UI's ETA needs."""
+    return [{"stage": p.stage, "phase": p.name, "k": p.k,
+             "steps": phase_length(p, preset, train_size)}
+            for s in stages for p in stage_phases(s, preset, aps)]
 
 
 def run_phase(st: TrainState, phase: Phase, data, log, ckpt: Path | None, probe,

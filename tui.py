@@ -151,7 +151,10 @@ class RunState:
         self.new_log_lines.append(f"{_clock(event.get('time'))} {text}")
 
     def _run_start(self, e: dict) -> None:
+        """A run, or a resumed one: what was said of an earlier start no longer holds."""
         self.name = e.get("run") or self.name
+        self.end, self.plan, self.activity, self.results = None, [], {}, {}
+        self.gt_rows, self.gt_changed = [], True  # a resumed `all` logs its ground truth again
         self._say(e, f"run {self.name} started (preset {e.get('preset')}, seed {e.get('seed')})")
 
     def _stage_start(self, e: dict) -> None:
@@ -190,9 +193,15 @@ class RunState:
 
     def _groundtruth(self, e: dict) -> None:
         self._activity(e)
-        other = next((r for r in self.gt_rows if r.get("arch") == e.get("arch")), None)
-        diff = e["acc"] - other["acc"] if other and _is_num(e.get("acc")) else None
-        self.gt_rows.append({**e, "seed_diff": diff})
+        same = [r for r in self.gt_rows if r.get("arch") == e.get("arch")]
+        other = next((r for r in same if r.get("seed") != e.get("seed")), None)
+        ok = other and _is_num(e.get("acc")) and _is_num(other.get("acc"))
+        row = {**e, "seed_diff": e["acc"] - other["acc"] if ok else None}
+        again = next((r for r in same if r.get("seed") == e.get("seed")), None)
+        if again is None:
+            self.gt_rows.append(row)
+        else:
+            self.gt_rows[self.gt_rows.index(again)] = row
         self.gt_changed = True
         self._say(e, f"ground truth {e.get('done')}/{e.get('total')}: seed {e.get('seed')} "
                      f"top-1 {_num(e.get('acc'), '.4f')}" + (
@@ -206,6 +215,7 @@ class RunState:
     def _results(self, e: dict) -> None:
         self.results = e
         self._say(e, f"report: {e.get('report')}")
+
     def _pool(self, e: dict) -> None:
         self.pool, self.pool_changed = e, True
         if _finite(e.get("mean_dist")):
@@ -270,42 +280,50 @@ class RunState:
             total = self.progress.get("steps") or self.phase.get("steps")
         return (done if _finite(done) else 0), (total if _finite(total) and total > 0 else None)
 
+    def gt_eta(self) -> float | None:
+        """Seconds until the ground truth is done: nets left at the mean measured time."""
+        timed = [r["seconds"] for r in self.gt_rows if _finite(r.get("seconds"))]
+        if self.activity.get("event") not in ("groundtruth", "groundtruth_step") or not timed:
+            return None
+        done = self.activity.get("done") if _finite(self.activity.get("done")) else 0
+        total = self.activity.get("total") if _finite(self.activity.get("total")) else 0
+        return max(0, total - done) * sum(timed) / len(timed)
+
     def eta(self) -> float | None:
-        """Seconds left: the ground-truth nets still to train at their measured mean time, and
-        every phase's remaining steps at its measured seconds per step (a phase not begun yet
-        at the rate of its stage's latest phase, else of the latest phase measured)."""
+        """Seconds left of the ground truth (`gt_eta`) and of training: every phase's remaining
+        steps at its measured seconds per step. A phase not begun yet takes the seconds per
+        path of its stage's latest measured phase, else of the latest measured phase, times
+        its own paths per step (k). None while nothing is measured, and during evaluation and
+        search, whose length the log does not plan."""
         if self.end:
             return 0.0
-        left = 0.0
-        timed = [r["seconds"] for r in self.gt_rows if _finite(r.get("seconds"))]
-        if self.activity.get("event") in ("groundtruth", "groundtruth_step") and timed:
-            done = self.activity.get("done") if _finite(self.activity.get("done")) else 0
-            total = self.activity.get("total") if _finite(self.activity.get("total")) else 0
-            left += max(0, total - done) * sum(timed) / len(timed)
-        if not self.plan:
-            return left if timed else None
+        in_gt = self.activity.get("event") in ("groundtruth", "groundtruth_step")
+        if self.activity and not in_gt:
+            return None
+        left = self.gt_eta() or 0.0
         current = self.phase.get("index") if _finite(self.phase.get("index")) else 0
         step = self.progress.get("step") if _finite(self.progress.get("step")) else 0
-        latest = {}
-        rate = None
+        per_path: dict = {}
+        latest = None
         for i, p in enumerate(self.plan, 1):
+            k = p.get("k") if _finite(p.get("k")) and p.get("k") > 0 else 1
             measured = self.rates.get(p.get("phase"))
             if measured is not None:
-                latest[p.get("stage")] = rate = measured
+                per_path[p.get("stage")] = latest = measured / k
             if i < current or not _finite(p.get("steps")):
                 continue
-            r = measured or latest.get(p.get("stage")) or rate
-            if r is None:
+            rate = per_path.get(p.get("stage"), latest)
+            if rate is None:
                 return None
-            left += (p["steps"] - (step if i == current else 0)) * r
-        return left
+            left += (p["steps"] - (step if i == current else 0)) * rate * k
+        return left if self.plan or self.gt_eta() is not None else None
 
     def timeline(self) -> list[tuple[str, str, float | None]]:
         """(stage, done | running | waiting, seconds if done) along the run."""
         out = []
-        if self.gt_rows or self.activity.get("event") in ("groundtruth", "groundtruth_step"):
-            training = bool(self.plan) or not self.activity.get("event", "").startswith("ground")
-            out.append(("ground truth", "done" if training else "running", None))
+        in_gt = self.activity.get("event") in ("groundtruth", "groundtruth_step")
+        if self.gt_rows or in_gt:
+            out.append(("ground truth", "running" if in_gt else "done", None))
         for stage in dict.fromkeys(str(p.get("stage")) for p in self.plan):
             if stage in self.stage_seconds:
                 out.append((stage, "done", self.stage_seconds[stage]))
@@ -376,8 +394,13 @@ def timeline_text(s: RunState) -> str:
     marks = {"done": "✓", "running": "▶", "waiting": "·"}
     parts = [f"{marks[status]} {stage}" + (f" {_ago(seconds)}" if seconds is not None else "")
              for stage, status, seconds in s.timeline()]
-    eta = s.eta()
-    parts.append("done" if s.end else f"ETA {_ago(eta)}" if eta is not None else "ETA -")
+    eta, gt_eta = s.eta(), s.gt_eta()
+    if s.end:
+        parts.append("done")
+    elif eta is not None:
+        parts.append(f"ETA {_ago(eta)}")
+    else:
+        parts.append(f"ETA of the ground truth {_ago(gt_eta)}" if gt_eta is not None else "ETA -")
     return "  ".join(parts)
 
 
@@ -523,7 +546,7 @@ class NasApp(App):
     def _show_big_panel(self) -> None:
         """The results once there are some, the ground truth while it trains, else the pool."""
         s = self.state
-        in_gt = s.activity.get("event") in ("groundtruth", "groundtruth_step") and not s.plan
+        in_gt = s.activity.get("event") in ("groundtruth", "groundtruth_step")
         shown = "final" if s.results else "gt" if in_gt else "pool"
         for name in ("final", "gt", "pool"):
             self.query_one(f"#{name}-panel").display = name == shown

@@ -1,21 +1,23 @@
 """The papers' ablation on one dataset and one budget, against one ground truth.
 
-    python bench/ablation.py --preset tiny                  # CPU: proves the machinery,
-                                                            # not the method
-    python bench/ablation.py --preset cifar                 # one GPU: the real table
-    python bench/ablation.py --preset fashion --data-dir D  # the same budget on Fashion-MNIST
-                                                            # (D: its four .gz files)
+    python bench/ablation.py --preset tiny      # CPU: proves the machinery, not the method
+    python bench/ablation.py --preset small     # CPU: against the committed ground truth
+    python bench/ablation.py --preset cifar     # one GPU: the real table
+    python bench/ablation.py --preset fashion --data-dir D   # cifar's budget, Fashion-MNIST
 
 Variants (APS/CPT/SSE paper, Tables 1-3, and Π-NAS): SPOS, PS, APS_v1, APS_v2, APS_v3, +CPT,
 +SSE4, +SSE34, +SSE34+Dis, Π-NAS, and Π-NAS followed by APS_v3+CPT+SSE34+Dis; and FLOPs and
 parameter count as rankings that cost no training. Each variant goes on from the checkpoint of
 the variant it extends, as in the paper (all supervised ones from one warm-up), so the table
 costs little more than its longest chain. Training times are reported whole: a variant's own
-stages plus those of the chain it starts from.
+stages plus those of the chain it starts from (a variant resumed after a kill counts from the
+resume). SPOS is compute-matched: as many forward/backward passes as APS depth + width.
+The full method (+SSE34+Dis) also gets its Kendall, Pearson and Spearman differences against
+FLOPs and against SPOS with paired-bootstrap intervals.
 
 Everything lands in runs/ablation-<preset>/ (ground truth, one checkpoint per variant, events),
 so a killed ablation run again skips what is done. Writes
-bench/results/ablation-<dataset>-<device>.json and .md.
+bench/results/ablation-<preset>-<device>.json and .md.
 """
 
 import json
@@ -24,7 +26,6 @@ import time
 from datetime import date
 from pathlib import Path
 
-import torch
 import typer
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -63,7 +64,7 @@ def train_variant(name: str, preset: train_stages.Preset, data, device: str, fol
     st = train_stages.new_state(preset, stages, seed, device, aps, kd)
     final = folder / "checkpoints" / f"{name}.pt"
     run_dir = folder / name
-    if final.exists():
+    if final.exists() and final.with_suffix(".json").exists():  # the json is written last
         train_stages.load_checkpoint(st, final)
         return st, json.loads(final.with_suffix(".json").read_text())["seconds"]
     seconds = train_variant(parent, preset, data, device, folder, log, seed)[1] if parent else 0.0
@@ -75,7 +76,7 @@ def train_variant(name: str, preset: train_stages.Preset, data, device: str, fol
     train_stages.train(st, data, run_dir, log, score=evaluate.make_scorer(preset, data))
     seconds += time.perf_counter() - t
     train_stages.save_checkpoint(st, final)
-    evaluate.write_json_atomic(final.with_suffix(".json"), {"seconds": seconds})
+    evaluate.write_json_atomic(final.with_suffix(".json"), {"seconds": seconds})  # done: last
     return st, seconds
 
 
@@ -157,7 +158,8 @@ def echo(log: train_stages.EventLog):
 
 def main(preset: str = typer.Option("cifar", help=", ".join(train_stages.PRESETS)),
          variants: str = typer.Option(",".join(VARIANTS), help="comma-separated variants to run"),
-         gt_n: int = typer.Option(None, help="ground-truth archs (default: the preset's)"),
+         gt_n: int = typer.Option(None, min=3,
+                                  help="ground-truth archs (default: the preset's)"),
          seed: int = 0, device: str = "auto", data_dir: Path = typer.Option(None),
          runs: Path = typer.Option(ROOT / "runs", help="where the ablation's run folder goes"),
          out: Path = typer.Option(ROOT / "bench" / "results", help="where the table goes")):

@@ -15,7 +15,6 @@ hash keeps budgets apart): a killed run goes on where it stopped, and a rerun on
 Writes bench/results/gt-recipe-<preset>.json and .md.
 """
 
-import json
 import statistics
 import sys
 import time
@@ -31,7 +30,7 @@ sys.path.insert(0, str(ROOT))
 import evaluate  # noqa: E402
 import supernet  # noqa: E402
 import train_stages  # noqa: E402
-from data import load_data  # noqa: E402
+from data import DataError, load_data  # noqa: E402
 
 
 def budget_row(preset, archs, gt: evaluate.GroundTruth, data, log) -> dict:
@@ -95,12 +94,19 @@ def main(preset: str = typer.Option("small", help="the recipe to vary: a preset'
     base = train_stages.PRESETS[preset]
     if label_smoothing is not None:
         base = replace(base, gt_label_smoothing=label_smoothing)
+    try:
+        epochs_list = [float(b) for b in budgets.split(",")]
+    except ValueError:
+        raise typer.BadParameter(f"--budgets {budgets!r}: comma-separated numbers of epochs")
     train_stages.set_threads(base)
-    data = load_data(base, device, data_dir)
+    try:
+        data = load_data(base, device, data_dir)
+    except DataError as e:
+        raise typer.BadParameter(str(e))
     chosen = evaluate.pick_archs(archs, arch_seed, base)
     gt = evaluate.GroundTruth(evaluate.SHARED_GROUND_TRUTH)
     rows = []
-    for epochs in [float(b) for b in budgets.split(",")]:
+    for epochs in epochs_list:
         rows.append(budget_row(replace(base, gt_epochs=epochs), chosen, gt, data, typer.echo))
         typer.echo(table(rows[-1:]))
     md = table(rows)

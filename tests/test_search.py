@@ -155,9 +155,12 @@ def test_fine_tuning_killed_and_resumed_equals_uninterrupted(micro_data, tmp_pat
 
     state = tmp_path / "net.pt.finetune"
     with pytest.raises(KeyboardInterrupt):
-        evaluate.train_static(fresh(), preset, Killed(), 0, 0.5, checkpoint=state)
+        evaluate.train_static(fresh(), preset, Killed(), 0, 0.5, checkpoint=state, what="a")
     assert torch.load(state, weights_only=True)["step"] == 4
+    with pytest.raises(ValueError, match="holds another training"):
+        evaluate.train_static(fresh(), preset, micro_data, 1, 0.5, checkpoint=state, what="a")
     resumed = fresh()
-    assert evaluate.train_static(resumed, preset, micro_data, 0, 0.5, checkpoint=state) == top1
+    assert evaluate.train_static(resumed, preset, micro_data, 0, 0.5, checkpoint=state,
+                                 what="a") == top1
     for a, b in zip(whole.state_dict().values(), resumed.state_dict().values()):
         assert torch.equal(a, b)

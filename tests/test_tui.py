@@ -266,6 +266,11 @@ def test_ground_truth_table_grows_with_the_log_and_shows_the_net_in_training(tmp
         assert sum("ground truth" in line for line in log) == 3
         # one net of 4 left at the mean of the timed ones (42 s)
         assert app.state.eta() == 42.0 and "ETA 42 s" in text(app, "#timeline")
+        # a resumed `all` logs its ground truth again: no row twice
+        append(tmp_path / "events.jsonl", lines(GROUND_TRUTH, start=10))
+        app.poll_log()
+        await pilot.pause()
+        assert table.row_count == 3
 
     drive(app, script)
 
@@ -294,9 +299,9 @@ def test_eta_from_measured_rates_and_planned_steps(tmp_path):
     state = tui.RunState("eta")
     for e in tui.EventTail(tmp_path / "events.jsonl").read():
         state.apply(e)
-    # aps_depth/1: 40 steps left at 3 s; aps_depth/2: 80 at its stage's 3 s; cpt: 40 at the
-    # latest measured rate, 3 s
-    assert state.eta() == 40 * 3 + 80 * 3 + 40 * 3
+    # aps_depth/1: 40 steps left at 3 s; aps_depth/2: 80 at its stage's 3 s (the same k);
+    # cpt, one path a step: 40 at the latest measured seconds per path, 3 s / 4 paths
+    assert state.eta() == 40 * 3 + 80 * 3 + 40 * 3 / 4
     assert [(s, status) for s, status, _ in state.timeline()] == [
         ("warmup", "done"), ("aps_depth", "running"), ("cpt", "waiting")]
 
