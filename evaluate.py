@@ -223,11 +223,13 @@ def recipe_settings(preset: train_stages.Preset, device) -> dict:
     pad = crop_pad(preset.dataset, preset.image_size)
     return {"dataset": preset.dataset, "image_size": preset.image_size,
             "in_channels": preset.in_channels, "num_classes": preset.num_classes,
-            "width_mult": preset.width_mult, "divisor": preset.divisor,
+            "divisor": preset.divisor,
             "train_subset": preset.train_subset, "eval_subset": preset.eval_subset,
             "augment": ("random resized crop; horizontal flip" if preset.dataset == "imagenet"
                         else f"random crop, zero pad {pad} px; horizontal flip"),
-            "epochs": preset.gt_epochs, "batch_size": preset.gt_batch_size, "lr": preset.gt_lr,
+            # floats as floats: 1 and 1.0 epochs must give one key
+            "epochs": float(preset.gt_epochs), "batch_size": preset.gt_batch_size,
+            "lr": float(preset.gt_lr), "width_mult": float(preset.width_mult),
             "schedule": GT_SCHEDULE, "momentum": GT_MOMENTUM, "nesterov": GT_NESTEROV,
             "weight_decay": GT_WEIGHT_DECAY, "label_smoothing": preset.gt_label_smoothing,
             "ema_window": GT_EMA_WINDOW, "device": where}

@@ -187,3 +187,20 @@ def test_the_real_challenge_file_reads():
     if not CHALLENGE_JSON.exists():
         pytest.skip(f"the challenge's candidate file is absent ({CHALLENGE_JSON})")
     assert len(evaluate.read_challenge(CHALLENGE_JSON)) == 45000
+
+
+def test_recipe_key_covers_every_setting_and_not_how_a_number_is_written():
+    from dataclasses import replace
+    base = evaluate.recipe(MICRO, "cpu")
+    assert evaluate.recipe(replace(MICRO, gt_epochs=int(MICRO.gt_epochs * 4) / 4), "cpu") == base
+    assert evaluate.recipe(replace(MICRO, gt_epochs=1), "cpu") == evaluate.recipe(
+        replace(MICRO, gt_epochs=1.0), "cpu")
+    for change in ({"gt_label_smoothing": 0.1}, {"image_size": 14}, {"gt_batch_size": 64},
+                   {"gt_lr": 0.2}, {"train_subset": 256}):
+        assert evaluate.recipe(replace(MICRO, **change), "cpu") != base, change
+    threads = torch.get_num_threads()
+    torch.set_num_threads(threads + 1)
+    try:
+        assert evaluate.recipe(MICRO, "cpu") != base
+    finally:
+        torch.set_num_threads(threads)
