@@ -56,6 +56,14 @@ def _ago(seconds: float) -> str:
     return f"{seconds:.0f} s"
 
 
+def _pairs(value) -> list:
+    """The [x, y] pairs of a list, leaving out anything else."""
+    if not isinstance(value, list):
+        return []
+    return [p for p in value if isinstance(p, list) and len(p) == 2
+            and _finite(p[0]) and _finite(p[1])]
+
+
 def _codes(codes) -> str:
     """Allowed width codes of one stage: [1, 2, 3] -> '1-3' (contiguous is the usual case)."""
     nums = sorted(int(c) for c in codes)
@@ -125,6 +133,7 @@ class RunState:
         self.rates: dict[str, float] = {}  # measured seconds per step, by phase
         self.phase_clock: tuple[float, int] | None = None  # (time, step) the phase began at
         self.points: list = []  # [supernet, truth] per arch, from the latest rank event
+        self.front: list = []  # [GFLOPs, top-1] of the search's Pareto front so far
         self.points_changed = False
         self.results: dict = {}  # the final table
         self.pool: dict = {}
@@ -180,16 +189,15 @@ class RunState:
 
     def _activity(self, e: dict) -> None:
         """Ground truth, evaluation and search: shown in the phase panel instead of training."""
-        self.stage, self.phase_name, self.activity = e.get("event"), "", e
+        names = {"groundtruth": "ground truth", "groundtruth_step": "ground truth"}
+        self.stage = names.get(e.get("event"), e.get("event"))
+        self.phase_name, self.activity = "", e
 
     def _search(self, e: dict) -> None:
         """The search's Pareto front so far takes the scatter: GFLOPs (x) against top-1 (y)."""
         self._activity(e)
-        front = e.get("front")
-        if isinstance(front, list):
-            self.points = [p for p in front if isinstance(p, list) and len(p) == 2
-                           and _finite(p[0]) and _finite(p[1])]
-            self.points_changed = True
+        self.front = _pairs(e.get("front"))
+        self.points_changed = True
 
     def _groundtruth(self, e: dict) -> None:
         self._activity(e)
@@ -214,6 +222,7 @@ class RunState:
 
     def _results(self, e: dict) -> None:
         self.results = e
+        self.points_changed = True  # the run's own scatter again, not the search's
         self._say(e, f"report: {e.get('report')}")
 
     def _pool(self, e: dict) -> None:
@@ -223,10 +232,8 @@ class RunState:
 
     def _rank(self, e: dict) -> None:
         self.rank = e
-        points = e.get("points")
-        if isinstance(points, list):
-            self.points = [p for p in points if isinstance(p, list) and len(p) == 2
-                           and _finite(p[0]) and _finite(p[1])]
+        if isinstance(e.get("points"), list):
+            self.points = _pairs(e["points"])
             self.points_changed = True
 
     def _noise_ceiling(self, e: dict) -> None:
@@ -379,13 +386,14 @@ def pool_text(pool: dict) -> str:
 
 
 def rank_text(rank: dict, ceiling: dict) -> str:
-    lines = [f"pearson {_num(rank.get('pearson'), '.3f')}  "
-             f"kendall {_num(rank.get('kendall'), '.3f')}",
-             f"spearman {_num(rank.get('spearman'), '.3f')}  n {rank.get('n', '-')}"]
+    """The latest Kendall τ, Pearson P and Spearman ρ, and the noise ceiling, in two lines to
+    leave the scatter below (supernet (x) against truth (y)) as much room as they can."""
+    lines = [f"τ {_num(rank.get('kendall'), '.3f')}  P {_num(rank.get('pearson'), '.3f')}  "
+             f"ρ {_num(rank.get('spearman'), '.3f')}  n {rank.get('n', '-')}"]
     if ceiling:
-        lines.append(f"ceiling P {_num(ceiling.get('pearson'), '.2f')} "
-                     f"τ {_num(ceiling.get('kendall'), '.2f')}"
-                     f" ρ {_num(ceiling.get('spearman'), '.2f')}")
+        lines.append(f"ceiling τ {_num(ceiling.get('kendall'), '.2f')}  "
+                     f"P {_num(ceiling.get('pearson'), '.2f')}  "
+                     f"ρ {_num(ceiling.get('spearman'), '.2f')}")
     return "\n".join(lines)
 
 
@@ -434,7 +442,8 @@ class RankScatter(PlotextPlot):
         plt.clear_figure()
         if self.points:
             plt.scatter([p[0] for p in self.points], [p[1] for p in self.points], marker="dot")
-        plt.title(title)
+        if title:
+            plt.title(title)
         self.refresh()
 
 
@@ -496,7 +505,7 @@ class NasApp(App):
             self.query_one(f"#{panel_id}").border_title = title
         self.query_one("#pool-members", DataTable).add_columns("#", "arch")
         self.query_one("#gt-table", DataTable).add_columns(*GT_COLUMNS)
-        self.query_one("#final-table", DataTable).add_columns("", "pearson", "kendall",
+        self.query_one("#final-table", DataTable).add_columns("", "kendall", "pearson",
                                                               "spearman", "n")
         self.poll_log()
         self.set_interval(POLL_SECONDS, self._tick)
@@ -523,10 +532,11 @@ class NasApp(App):
         self.query_one("#rank", Static).update(rank_text(s.rank, s.ceiling))
         self.query_one("#timeline", Static).update(timeline_text(s))
         if s.points_changed:
-            searching = s.activity.get("event") == "search"
-            title = ("search front: GFLOPs (x) vs top-1 (y)" if searching else
-                     f"supernet (x) vs truth (y)  τ {_num(s.rank.get('kendall'), '.3f')}")
-            self.query_one("#scatter", RankScatter).show(s.points, title)
+            scatter = self.query_one("#scatter", RankScatter)
+            if s.activity.get("event") == "search" and not s.results:
+                scatter.show(s.front, "search front: GFLOPs (x), top-1 (y)")
+            else:  # the rank text above says what the axes are
+                scatter.show(s.points, "")
             s.points_changed = False
         if s.gt_changed:
             table = self.query_one("#gt-table", DataTable)
@@ -559,7 +569,7 @@ class NasApp(App):
         table = self.query_one("#final-table", DataTable)
         for label, m in rows.items():
             if isinstance(m, dict):
-                table.add_row(label, *(final_cells(m, k) for k in ("pearson", "kendall",
+                table.add_row(label, *(final_cells(m, k) for k in ("kendall", "pearson",
                                                                    "spearman")), str(m.get("n")))
 
     def _fill_pool_table(self, archs: list) -> None:

@@ -105,8 +105,8 @@ def test_widgets_match_the_log(tmp_path):
         assert app.query_one("#pool-spark", Sparkline).data == [41.0, 53.2]
         table = app.query_one("#pool-members", DataTable)
         assert list(table.get_column_at(1)) == [ARCH_A, ARCH_B, ARCH_C]
-        assert "kendall 0.457" in text(app, "#rank")
-        assert "ceiling P 0.90 τ 0.80" in text(app, "#rank")
+        assert "τ 0.457  P 0.610" in text(app, "#rank")
+        assert "ceiling τ 0.80  P 0.90" in text(app, "#rank")
         assert app.query_one("#scatter", tui.RankScatter).points == [(0.5, 0.8), (0.55, 0.82),
                                                                       (0.6, 0.81)]
         log = "\n".join(app.query_one("#log", Log).lines)
@@ -319,8 +319,11 @@ def test_the_final_table_shows_the_results_and_the_report(tmp_path):
         await pilot.pause()
         assert app.query_one("#final-panel").display
         table = app.query_one("#final-table", DataTable)
-        assert table.get_row_at(0) == ["supernet", "0.500", "0.410 [0.20, 0.60]", "0.520", "40"]
-        assert table.get_row_at(1)[0] == "FLOPs" and table.get_row_at(1)[2] == "0.050"
+        assert table.get_row_at(0) == ["supernet", "0.410 [0.20, 0.60]", "0.500", "0.520", "40"]
+        assert table.get_row_at(1)[0] == "FLOPs" and table.get_row_at(1)[1] == "0.050"
+        # the scatter is the run's own again: the last rank event's points
+        assert app.query_one("#scatter", tui.RankScatter).points == [(0.5, 0.8), (0.55, 0.82),
+                                                                      (0.6, 0.81)]
         assert "runs/x/report.md" in text(app, "#final-path")
         assert "done" in text(app, "#timeline")
 
