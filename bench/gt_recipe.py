@@ -17,7 +17,6 @@ Writes bench/results/gt-recipe-<preset>.json and .md.
 
 import statistics
 import sys
-import time
 from dataclasses import replace
 from datetime import date
 from pathlib import Path
@@ -35,32 +34,25 @@ from data import DataError, load_data  # noqa: E402
 
 def budget_row(preset, archs, gt: evaluate.GroundTruth, data, log) -> dict:
     """Train what is missing of `archs` x seeds 0, 1 at this recipe; the row of the table."""
+    def say(event: str, **f):
+        if event == "groundtruth" and f["seed"] == 1:
+            log(f"  {preset.gt_epochs:g} epochs  arch {f['done'] // 2}/{len(archs)}  "
+                f"{f['acc']:.4f} (seed 1)")
+
+    truth, ceiling = evaluate.ground_truth(gt, archs, 2, preset, data, say)
     key = evaluate.recipe(preset, data.device)
-    accs = {0: [], 1: []}
-    seconds = []
-    for i, arch in enumerate(archs):
-        code = supernet.encode(arch)
-        for seed in (0, 1):
-            acc = gt.get(code, preset.dataset, key, seed)
-            if acc is None:
-                t = time.perf_counter()
-                acc = evaluate.train_standalone(arch, preset, data, seed)
-                gt.put(code, preset.dataset, key, seed, acc, time.perf_counter() - t)
-            seconds.append(gt.entries[gt.key(code, preset.dataset, key, seed)]["seconds"])
-            accs[seed].append(acc)
-        log(f"  {preset.gt_epochs:g} epochs  arch {i + 1}/{len(archs)}  "
-            f"{accs[0][-1]:.4f} {accs[1][-1]:.4f}")
-    mean = [(a + b) / 2 for a, b in zip(accs[0], accs[1])]
+    codes = [supernet.encode(a) for a in archs]
+    entries = [[gt.entries[gt.key(c, preset.dataset, key, seed)] for c in codes] for seed in (0, 1)]
+    accs = [[e["acc"] for e in seed] for seed in entries]
+    mean = list(truth.values())
     flops = [supernet.size_of(a, preset.shape)[0] for a in archs]
-    seed_vs_seed = evaluate.rank_metrics(accs[0], accs[1])
     return {"epochs": preset.gt_epochs, "recipe": key, "n": len(archs),
-            "seed_vs_seed": seed_vs_seed, "ceiling": evaluate.ceiling_from(seed_vs_seed),
+            "seed_vs_seed": ceiling["seed_vs_seed"], "ceiling": ceiling["ceiling"],
             "flops_vs_mean": evaluate.rank_metrics(flops, mean),
             "acc_min": min(mean), "acc_max": max(mean), "acc_sd": statistics.stdev(mean),
-            "seed_diff_mean": statistics.mean(abs(a - b) for a, b in zip(accs[0], accs[1])),
-            "seconds_per_net": statistics.mean(seconds),
-            "archs": [supernet.encode(a) for a in archs], "acc_seed0": accs[0],
-            "acc_seed1": accs[1]}
+            "seed_diff_mean": statistics.mean(abs(a - b) for a, b in zip(*accs)),
+            "seconds_per_net": statistics.mean(e["seconds"] for seed in entries for e in seed),
+            "archs": codes, "acc_seed0": accs[0], "acc_seed1": accs[1]}
 
 
 def table(rows: list[dict]) -> str:

@@ -47,3 +47,23 @@ def test_ablation_refuses_an_unknown_variant(tmp_path):
         ablation.main(preset="tiny", variants="APS_v9", gt_n=3, seed=0, device="cpu", data_dir=None,
                       runs=tmp_path / "runs", out=tmp_path / "results")
     assert not (tmp_path / "runs").exists()
+
+
+def test_gt_recipe_curve_reuses_every_net_it_trained(tmp_path, monkeypatch, micro_data):
+    import evaluate
+    import gt_recipe
+    monkeypatch.setitem(train_stages.PRESETS, "quick", QUICK)
+    monkeypatch.setattr(evaluate, "SHARED_GROUND_TRUTH", tmp_path / "groundtruth.json")
+
+    def run():
+        gt_recipe.main(preset="quick", budgets="0.0625,0.125", archs=3, arch_seed=1000,
+                       label_smoothing=None, device="cpu", data_dir=None, out=tmp_path)
+        return json.loads((tmp_path / "gt-recipe-quick.json").read_text())
+
+    first = run()
+    assert [r["epochs"] for r in first["rows"]] == [0.0625, 0.125]
+    assert all(r["n"] == 3 and len(r["acc_seed1"]) == 3 for r in first["rows"])
+    nets = json.loads((tmp_path / "groundtruth.json").read_text())["entries"]
+    assert len(nets) == 2 * 3 * 2  # budgets x archs x seeds, each under its own recipe key
+    monkeypatch.setattr(evaluate, "train_standalone", lambda *a, **k: pytest.fail("retrained"))
+    assert run()["rows"] == first["rows"]
