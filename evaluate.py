@@ -126,12 +126,14 @@ def _spearman(a, b):
 
 
 METRICS = {"pearson": _pearson, "kendall": _kendall, "spearman": _spearman}
+N_BOOT = 1000  # bootstrap resamples behind every interval
 
 
-def rank_metrics(pred, truth, n_boot: int = 1000, seed: int = 0) -> dict:
+def rank_metrics(pred, truth, n_boot: int | None = None, seed: int = 0) -> dict:
     """Pearson, Kendall tau and Spearman of pred vs truth, each with a bootstrap 95% interval
     (percentile method, pairs resampled; resamples too degenerate to correlate are left out)
-    when n_boot > 0, and n."""
+    when n_boot > 0 (default `N_BOOT`), and n."""
+    n_boot = N_BOOT if n_boot is None else n_boot
     pred = np.asarray(pred, float)
     truth = np.asarray(truth, float)
     out = {"n": len(pred)}
@@ -148,10 +150,11 @@ def rank_metrics(pred, truth, n_boot: int = 1000, seed: int = 0) -> dict:
     return out
 
 
-def paired_difference(pred_a, pred_b, truth, n_boot: int = 1000, seed: int = 0) -> dict:
+def paired_difference(pred_a, pred_b, truth, n_boot: int | None = None, seed: int = 0) -> dict:
     """How much better `pred_a` ranks `truth` than `pred_b` does, per metric, with a 95% paired
     bootstrap interval: the same resampled archs score both predictors, so what the two share
     (which archs happen to be in the sample) cancels out of the difference."""
+    n_boot = N_BOOT if n_boot is None else n_boot
     a, b, t = (np.asarray(v, float) for v in (pred_a, pred_b, truth))
     out = {"n": len(t)}
     with warnings.catch_warnings():
