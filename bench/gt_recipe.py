@@ -3,7 +3,8 @@
     python bench/gt_recipe.py --preset small --budgets 0.5,1,2 --archs 24
 
 Trains the same archs with two seeds at each budget (epochs of the preset's training set, the
-rest of the preset's recipe unchanged) and reports, per budget: seed-vs-seed Pearson, Kendall
+rest of the preset's recipe unchanged; `--train-subset` and `--label-smoothing` override those
+two settings) and reports, per budget: seed-vs-seed Pearson, Kendall
 and Spearman with 95% intervals; the ceiling they imply for any predictor against the 2-seed
 mean (evaluate.ceiling_of); Kendall tau of FLOPs against that mean (positive: the ground truth
 ranks capacity, not speed of training); the spread of accuracies; the seconds per net.
@@ -12,7 +13,7 @@ The archs are sampled uniformly from the challenge space with their own seed (`-
 never the headline archs' seed 0), so a recipe is never chosen on the archs it is judged on.
 Every net lands in the committed bench/results/groundtruth.json as it finishes (its recipe
 hash keeps budgets apart): a killed run goes on where it stopped, and a rerun only reads.
-Writes bench/results/gt-recipe-<preset>.json and .md.
+Writes bench/results/gt-recipe-<preset>[-ls<x>][-sub<n>].json and .md.
 """
 
 import statistics
@@ -78,6 +79,8 @@ def main(preset: str = typer.Option("small", help="the recipe to vary: a preset'
                                                   "(the headline set uses 0)"),
          label_smoothing: float = typer.Option(None,
                                                help="override the preset's gt_label_smoothing"),
+         train_subset: int = typer.Option(None, min=0, help="override the preset's train_subset "
+                                                             "(0: all training images)"),
          device: str = "cpu", data_dir: Path = typer.Option(None),
          out: Path = ROOT / "bench" / "results"):
     if preset not in train_stages.PRESETS:
@@ -86,6 +89,8 @@ def main(preset: str = typer.Option("small", help="the recipe to vary: a preset'
     base = train_stages.PRESETS[preset]
     if label_smoothing is not None:
         base = replace(base, gt_label_smoothing=label_smoothing)
+    if train_subset is not None:
+        base = replace(base, train_subset=train_subset)
     try:
         epochs_list = [float(b) for b in budgets.split(",")]
     except ValueError:
@@ -103,8 +108,9 @@ def main(preset: str = typer.Option("small", help="the recipe to vary: a preset'
         typer.echo(table(rows[-1:]))
     md = table(rows)
     typer.echo("\n" + md)
-    name = f"gt-recipe-{preset}" + (f"-ls{label_smoothing:g}" if label_smoothing is not None
-                                    else "")
+    name = (f"gt-recipe-{preset}"
+            + (f"-ls{label_smoothing:g}" if label_smoothing is not None else "")
+            + (f"-sub{train_subset}" if train_subset is not None else ""))
     where = f"{device}, {torch.get_num_threads()} threads"
     out.mkdir(parents=True, exist_ok=True)
     evaluate.write_json_atomic(out / f"{name}.json", {

@@ -57,7 +57,8 @@ def test_gt_recipe_curve_reuses_every_net_it_trained(tmp_path, monkeypatch, micr
 
     def run():
         gt_recipe.main(preset="quick", budgets="0.0625,0.125", archs=3, arch_seed=1000,
-                       label_smoothing=None, device="cpu", data_dir=None, out=tmp_path)
+                       label_smoothing=None, train_subset=None, device="cpu", data_dir=None,
+                       out=tmp_path)
         return json.loads((tmp_path / "gt-recipe-quick.json").read_text())
 
     first = run()
