@@ -260,6 +260,14 @@ def trained_state(run_dir: Path, config: dict, device: str) -> train_stages.Trai
     return st
 
 
+def with_search(results: dict, run_dir: Path) -> dict:
+    """The results with the run's latest search (by `all` or `search`), for the report."""
+    try:
+        return {**results, "search": json.loads((run_dir / "search.json").read_text())}
+    except (OSError, ValueError):
+        return results
+
+
 def print_summary(results: dict, report: Path) -> None:
     m, c = results["metrics"], results.get("noise_ceiling")
     head = f"supernet (n={m['n']})"
@@ -379,7 +387,8 @@ def evaluate_cmd(name: str = NameOpt,
         evaluate.write_challenge(out, codes, accs)
         typer.echo(f"wrote {len(codes)} archs with acc to {out}")
     if codes is None:
-        print_summary(results, evaluate.write_report(run_dir, config, results))
+        print_summary(results, evaluate.write_report(run_dir, config,
+                                                     with_search(results, run_dir)))
 
 
 @app.command()
@@ -392,10 +401,8 @@ def report(name: str = NameOpt):
     except (OSError, ValueError, KeyError):
         die(f"run {name!r} has no ground-truth results yet: "
             f"run `nas.py evaluate --name {name}` first")
-    if (run_dir / "search.json").exists():  # the latest search of the run, by `all` or `search`
-        results["search"] = json.loads((run_dir / "search.json").read_text())
     try:
-        path = evaluate.write_report(run_dir, config, results)
+        path = evaluate.write_report(run_dir, config, with_search(results, run_dir))
     except (KeyError, TypeError, ValueError):
         die(f"{run_dir / 'results.json'} was written by another version: "
             f"run `nas.py evaluate --name {name}` again")
