@@ -266,10 +266,18 @@ def pareto_front(points: list[dict]) -> list[dict]:
     return front
 
 
+def evaluated_points(log: SearchLog) -> list[dict]:
+    """Every arch the log holds with its top-1 and challenge FLOPs and parameters."""
+    points = []
+    for code, top1 in log.top1.items():
+        flops, params = challenge_size(supernet.decode(code))
+        points.append({"arch": code, "top1": top1, "flops": flops, "params": params})
+    return points
+
+
 def search_summary(log: SearchLog, budget: Budget, fitness: Fitness) -> dict:
     """The best arch under the budget among every arch the log holds, and the Pareto front."""
-    points = [{"arch": c, "top1": t, "flops": challenge_size(supernet.decode(c))[0],
-               "params": challenge_size(supernet.decode(c))[1]} for c, t in log.top1.items()]
+    points = evaluated_points(log)
     inside = [p for p in points if fitness.admits(supernet.decode(p["arch"]), budget)]
     best = max(inside, key=lambda p: p["top1"]) if inside else None
     if best is not None:
@@ -317,8 +325,7 @@ def run_search(st: train_stages.TrainState, data, run_dir: Path, budget: Budget,
     fitness = Fitness(st, data, search_log)
 
     def log_with_front(event: str, **fields):  # the UI draws the front as it grows
-        front = pareto_front([{"flops": challenge_size(supernet.decode(c))[0], "top1": t}
-                              for c, t in search_log.top1.items()])
+        front = pareto_front(evaluated_points(search_log))
         return log(event, **fields, front=[[p["flops"] / 1e9, p["top1"]] for p in front])
 
     started = time.perf_counter()
@@ -329,9 +336,7 @@ def run_search(st: train_stages.TrainState, data, run_dir: Path, budget: Budget,
     summary["evaluated_now"] = fitness.evaluated
     summary["archs_per_min"] = 60 * fitness.evaluated / seconds if fitness.evaluated else None
     evaluate.write_json_atomic(run_dir / "search.json", summary)
-    points = [{"arch": c, "top1": t, "flops": challenge_size(supernet.decode(c))[0]}
-              for c, t in search_log.top1.items()]
-    write_search_png(run_dir / "search.png", summary, points)
+    write_search_png(run_dir / "search.png", summary, evaluated_points(search_log))
     return summary
 
 
