@@ -110,7 +110,9 @@ class TensorData:
         x = (x.float().div_(255) - self.mean) / self.std
         return x.contiguous(memory_format=torch.channels_last) if x.is_cuda else x
 
-    def train_batch(self, key: int, step: int, batch_size: int):
+    def train_batch(self, key: int, step: int, batch_size: int, part=(0, 1)):
+        """Batch `step` of the order that `key` sets; `part` = (rank, world size) takes that
+        rank's contiguous share of it, augmented as the whole batch would be."""
         n = len(self.train_y)
         epoch, i = divmod(step, max(1, n // batch_size))
         if self._perm_key != (key, epoch):
@@ -119,7 +121,9 @@ class TensorData:
             self._perm = torch.randperm(n, generator=g).to(self.device)
         idx = self._perm[i * batch_size:(i + 1) * batch_size]
         g = torch.Generator().manual_seed(mix_seed(key, epoch, i, 1))
-        return self.normalize(self.augment(self.train_x[idx], g)), self.train_y[idx]
+        share = batch_part(len(idx), part)
+        x = self.augment(self.train_x[idx], g)[share]
+        return self.normalize(x), self.train_y[idx][share]
 
     def augment(self, x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
         b, c, h, w = x.shape
@@ -201,16 +205,22 @@ class FolderData:
         x = x.contiguous(memory_format=torch.channels_last) if x.is_cuda else x
         return x, y.to(self.device, non_blocking=True)
 
-    def train_batch(self, key: int, step: int, batch_size: int):
+    def train_batch(self, key: int, step: int, batch_size: int, part=(0, 1)):
+        """Batch `step`, or with `part` = (rank, world size) that rank's contiguous share of it.
+
+        Each epoch has its own order, a permutation seeded by (key, epoch): what a
+        DistributedSampler with set_epoch gives, except that the ranks' shares of one step
+        make up exactly the batch one process would train on."""
         per_epoch = max(1, len(self.train) // batch_size)
         epoch, i = divmod(step, per_epoch)
-        if self._iter_key != (key, epoch, i):  # a fresh epoch, or a resume in the middle of one
+        if self._iter_key != (key, epoch, i, part):  # a fresh epoch, or a resume inside one
             g = torch.Generator().manual_seed(mix_seed(key, epoch))
-            order = torch.randperm(len(self.train), generator=g)
-            order = order[i * batch_size:per_epoch * batch_size]
+            order = torch.randperm(len(self.train), generator=g)[:per_epoch * batch_size]
+            share = batch_part(batch_size, part)
+            order = order.view(per_epoch, batch_size)[i:, share].reshape(-1)
             images = SeededImages(self.train, key, epoch)
-            self._iter = iter(self._loader(images, order.tolist(), batch_size))
-        self._iter_key = (key, epoch, i + 1)
+            self._iter = iter(self._loader(images, order.tolist(), share.stop - share.start))
+        self._iter_key = (key, epoch, i + 1, part)
         return self._to_device(*next(self._iter))
 
     def calib_batches(self, n_batches: int, batch_size: int, seed: int):
@@ -222,6 +232,14 @@ class FolderData:
         n = len(self.val) if limit <= 0 else min(limit, len(self.val))
         loader = self._loader(self.val, list(range(n)), batch_size)
         return [self._to_device(x, y) for x, y in loader]
+
+
+def batch_part(n: int, part: tuple[int, int]) -> slice:
+    """Rank r of w's contiguous share of a batch of n; ValueError when w does not divide n."""
+    r, w = part
+    if n % w:
+        raise ValueError(f"a batch of {n} cannot be split evenly over {w} processes")
+    return slice(r * n // w, (r + 1) * n // w)
 
 
 def crop_pad(dataset: str, image_size: int) -> int:

@@ -26,6 +26,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import parallel
 import supernet
 import train_stages
 from data import crop_pad, mix_seed
@@ -104,11 +105,15 @@ def evaluate_archs(st: train_stages.TrainState, archs: list[supernet.Arch], cali
 
 def evaluate_run(st: train_stages.TrainState, data, archs: list[supernet.Arch],
                  log) -> dict[str, float]:
-    """`evaluate_archs` with the preset's calibration and held-out sets, logging progress."""
+    """`evaluate_archs` with the preset's calibration and held-out sets, logging progress.
+    Under torchrun, rank r evaluates archs i = r (mod world size); every rank returns all."""
     preset = st.preset
     calib = data.calib_batches(preset.calib_batches, preset.calib_batch_size, seed=0)
     evals = data.eval_batches(preset.eval_subset)
-    return evaluate_archs(st, archs, calib, evals, lambda d, n: log("evaluate", done=d, total=n))
+    own = evaluate_archs(st, parallel.mine(archs), calib, evals,
+                         lambda d, n: log("evaluate", done=d, total=n))
+    accs = parallel.gather_dict(own)
+    return {supernet.encode(a): accs[supernet.encode(a)] for a in archs}
 
 
 # ---------------------------------------------------------------- rank metrics
@@ -353,13 +358,20 @@ class GroundTruth:
 
     Written atomically after every net, so an interrupted job continues where it stopped and
     nothing is trained twice. Entries missing here are taken from `shared` (a read-only file of
-    the same format) when it holds them, and copied here, so a run folder stays complete."""
+    the same format) when it holds them, and copied here, so a run folder stays complete.
+    Under torchrun, rank r > 0 writes its own `<name>.rank<r>.json` beside the file, so no two
+    processes ever write one file; `merge_ranks` folds them into the file at the end, and a
+    killed job's rank files are read back by the next one."""
 
     FIELDS = ("arch", "dataset", "recipe", "seed")
 
     def __init__(self, path: Path, shared: Path | None = None):
-        self.path = path
-        self.entries = _read_entries(path) if path.exists() else {}
+        self.main_path = path
+        self.path = path if parallel.is_main() else self.rank_file(parallel.rank())
+        self.entries = {}
+        for source in [path, *self.rank_files()]:
+            if source.exists():
+                self.entries.update(_read_entries(source))
         self.shared = {}
         if shared is not None and shared.exists() and shared.resolve() != path.resolve():
             self.shared = _read_entries(shared)
@@ -383,6 +395,21 @@ class GroundTruth:
             "seconds": seconds}
         write_json_atomic(self.path, {"entries": list(self.entries.values())})
 
+    def rank_file(self, rank: int) -> Path:
+        return self.main_path.with_name(f"{self.main_path.stem}.rank{rank}.json")
+
+    def rank_files(self) -> list[Path]:
+        return sorted(self.main_path.parent.glob(f"{self.main_path.stem}.rank*.json"))
+
+    def merge_ranks(self) -> None:
+        """Every rank's entries into the one file, written by rank 0; the rank files go. A
+        collective call: every rank makes it once its own nets are done."""
+        self.entries.update(parallel.gather_dict(self.entries))
+        if parallel.world_size() > 1 and parallel.is_main():
+            write_json_atomic(self.path, {"entries": list(self.entries.values())})
+            for part in self.rank_files():
+                part.unlink()
+
     def accs(self, dataset: str, recipe: str, seed: int) -> dict[str, float]:
         return {e["arch"]: e["acc"] for e in self.entries.values()
                 if e["dataset"] == dataset and e["recipe"] == recipe and e["seed"] == seed}
@@ -392,10 +419,10 @@ def ground_truth(gt: GroundTruth, archs: list[supernet.Arch], seeds: int,
                  preset: train_stages.Preset, data, log) -> tuple[dict[str, float], dict | None]:
     """Train what is not cached yet, every arch with seeds 0..seeds-1 (one arch after the
     other, its seeds together); return {code: mean top-1 over the seeds} and, with 2 seeds,
-    the noise ceiling (`noise_ceiling`)."""
+    the noise ceiling (`noise_ceiling`). Under torchrun, rank r trains archs i = r (mod world
+    size) and every rank returns the whole."""
     r = recipe(preset, data.device)
-    per_seed = [{} for _ in range(seeds)]
-    jobs = [(a, seed) for a in archs for seed in range(seeds)]
+    jobs = [(a, seed) for a in parallel.mine(archs) for seed in range(seeds)]
     for i, (a, seed) in enumerate(jobs):
         code = supernet.encode(a)
         acc = gt.get(code, preset.dataset, r, seed)
@@ -407,10 +434,12 @@ def ground_truth(gt: GroundTruth, archs: list[supernet.Arch], seeds: int,
                 done=i, total=len(jobs)))
             seconds = time.perf_counter() - t
             gt.put(code, preset.dataset, r, seed, acc, seconds)
-        per_seed[seed][code] = acc
         log("groundtruth", done=i + 1, total=len(jobs), arch=code, acc=acc, seed=seed,
             seconds=seconds, flops=supernet.size_of(a, preset.shape)[0])
-    truth = {c: sum(s[c] for s in per_seed) / seeds for c in per_seed[0]}
+    gt.merge_ranks()
+    codes = [supernet.encode(a) for a in archs]
+    per_seed = [{c: gt.get(c, preset.dataset, r, seed) for c in codes} for seed in range(seeds)]
+    truth = {c: sum(s[c] for s in per_seed) / seeds for c in codes}
     return truth, noise_ceiling(per_seed) if seeds == 2 else None
 
 

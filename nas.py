@@ -20,9 +20,11 @@ import sys
 import time
 from pathlib import Path
 
+import torch
 import typer
 
 import evaluate
+import parallel
 import search
 import supernet
 import train_stages
@@ -37,9 +39,17 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 
 
 def die(message: str, code: int = 2):
-    """Bad input: one line on stderr and a non-zero exit, never a traceback."""
-    typer.echo(f"error: {message}", err=True)
+    """Bad input: one line on stderr and a non-zero exit, never a traceback. Under torchrun
+    every rank exits, and rank 0 alone says why."""
+    if parallel.is_main():
+        typer.echo(f"error: {message}", err=True)
     raise typer.Exit(code)
+
+
+def say(message: str, err: bool = False):
+    """A line on the terminal, from rank 0 alone under torchrun."""
+    if parallel.is_main():
+        typer.echo(message, err=err)
 
 
 def get_preset(name: str) -> train_stages.Preset:
@@ -59,14 +69,46 @@ def parse_stages(stages: str | None, method: str) -> tuple[str, ...]:
         die(str(e))
 
 
-def pick_device(name: str) -> str:
+def pick_device(name: str, join: bool = True) -> str:
+    """The device; under torchrun and with `join`, also joins the process group (and takes
+    this rank's GPU)."""
     try:
-        return train_stages.pick_device(name)
+        device = train_stages.pick_device(name)
+        return parallel.start(device) if join else device
     except ValueError as e:
         die(str(e))
 
 
+def on_main(work):
+    """`work()` on rank 0 alone; its exit, if it exits, on every rank (one process decides
+    about the run folder, so two never race to create or check it)."""
+    result, code = None, None
+    if parallel.is_main():
+        try:
+            result = work()
+        except typer.Exit as e:
+            code = e.exit_code
+    code = parallel.from_main(code)
+    if code is not None:
+        raise typer.Exit(code)
+    return parallel.from_main(result)
+
+
+def check_split(batch_size: int | None = None, archs: int | None = None) -> None:
+    """Bad input under torchrun: a batch the ranks cannot share evenly, or fewer archs than
+    ranks (some would have nothing to do)."""
+    world = parallel.world_size()
+    if batch_size is not None and batch_size % world:
+        die(f"the batch of {batch_size} cannot be split evenly over {world} processes")
+    if archs is not None and archs < world:
+        die(f"{world} processes for {archs} archs: use at most {archs} processes")
+
+
 def open_run(name: str, config: dict, resume: bool, runs: Path) -> Path:
+    return on_main(lambda: open_run_folder(name, config, resume, runs))
+
+
+def open_run_folder(name: str, config: dict, resume: bool, runs: Path) -> Path:
     """The run folder: new (refusing to reuse one) or, with resume, the same config's."""
     if not name or "/" in name or name.startswith("."):
         die(f"bad run name {name!r}: use letters, digits, '-' and '_'")
@@ -113,6 +155,13 @@ def load_dataset(preset: train_stages.Preset, device: str, data_dir: Path | None
         return load_data(preset, device, data_dir)
     except DataError as e:
         die(str(e))
+
+
+def event_log(run_dir: Path, quiet: bool) -> "Console":
+    """The run's events.jsonl and the terminal; silent on every rank but 0 under torchrun."""
+    main = parallel.is_main()
+    return Console(train_stages.EventLog(run_dir / "events.jsonl" if main else None),
+                   quiet or not main)
 
 
 class Console:
@@ -228,7 +277,7 @@ def train_run(run_dir: Path, config: dict, data, device: str, log,
                                   evaluate.make_scorer(st.preset, data))
     except train_stages.Stopped as e:
         log("end", status="interrupted", message=f"{e}; continue with --resume")
-        typer.echo(f"{e}: checkpoint {ckpt}; continue with --resume", err=True)
+        say(f"{e}: checkpoint {ckpt}; continue with --resume", err=True)
         raise typer.Exit(130)
     except train_stages.TrainingError as e:
         log("end", status="failed", message=str(e))
@@ -255,8 +304,8 @@ def trained_state(run_dir: Path, config: dict, device: str) -> train_stages.Trai
     except train_stages.TrainingError as e:
         die(str(e))
     if st.phase_index < len(st.phases()):
-        typer.echo(f"warning: training of {run_dir.name!r} is not finished; "
-                   "evaluating the weights as they are", err=True)
+        say(f"warning: training of {run_dir.name!r} is not finished; "
+            "evaluating the weights as they are", err=True)
     return st
 
 
@@ -312,10 +361,12 @@ def train(preset: str = PresetOpt, name: str = NameOpt,
           device: str = DeviceOpt, data_dir: Path = DataDirOpt, quiet: bool = False):
     """Train the supernet through the chosen stages, writing runs/NAME."""
     p, chosen, device, config = run_setup(preset, stages, method, aps, kd, seed, device)
+    check_split(p.batch_size)
     data = load_dataset(p, device, data_dir)
     run_dir = open_run(name, config, resume, RUNS)
-    log = Console(train_stages.EventLog(run_dir / "events.jsonl"), quiet)
-    log("run_start", run=name, preset=p.name, stages=list(chosen), seed=seed, resumed=resume)
+    log = event_log(run_dir, quiet)
+    log("run_start", run=name, preset=p.name, stages=list(chosen), seed=seed, resumed=resume,
+        world_size=parallel.world_size())
     train_run(run_dir, config, data, device, log)
     log("end", status="done", message="training finished")
 
@@ -333,19 +384,21 @@ def groundtruth(preset: str = PresetOpt, name: str = NameOpt,
                 quiet: bool = False):
     """Train archs stand-alone (cached in runs/NAME/groundtruth.json); report the noise ceiling."""
     p = get_preset(preset)
-    data = load_dataset(p, pick_device(device), data_dir)
+    device = pick_device(device)
+    n = archs_n or p.gt_n
+    check_split(archs=n)
+    data = load_dataset(p, device, data_dir)
     run_dir = RUNS / name
     run_dir.mkdir(parents=True, exist_ok=True)
-    log = Console(train_stages.EventLog(run_dir / "events.jsonl"), quiet)
-    n = archs_n or p.gt_n
+    log = event_log(run_dir, quiet)
     truth, ceiling = ground_truth(run_dir, p, data, log, n, seeds or p.gt_seeds, seed, stratified)
-    typer.echo(f"{len(truth)} archs in {run_dir / 'groundtruth.json'}; accuracy "
+    say(f"{len(truth)} archs in {run_dir / 'groundtruth.json'}; accuracy "
                f"{min(truth.values()):.4f} .. {max(truth.values()):.4f}")
     if ceiling:
         for label, m in (("seed vs seed", ceiling["seed_vs_seed"]),
                          ("ceiling for a predictor of the 2-seed mean", ceiling["ceiling"])):
             metrics = "  ".join(f"{k} {evaluate.format_metric(m, k)}" for k in evaluate.METRICS)
-            typer.echo(f"{label}: {metrics}  (n = {m['n']})")
+            say(f"{label}: {metrics}  (n = {m['n']})")
 
 
 @app.command(name="evaluate")
@@ -374,10 +427,13 @@ def evaluate_cmd(name: str = NameOpt,
     if codes is None and not truth:
         die(f"run {name!r} has no ground truth for preset {preset.name}; "
             "run groundtruth or pass --archs")
-    st = trained_state(run_dir, config, device)
-    log = Console(train_stages.EventLog(run_dir / "events.jsonl"), quiet)
     wanted = list(dict.fromkeys(codes.values())) if codes else list(truth)
+    check_split(archs=len(wanted))
+    st = trained_state(run_dir, config, device)
+    log = event_log(run_dir, quiet)
     accs = evaluate.evaluate_run(st, data, [supernet.decode(c) for c in wanted], log)
+    if not parallel.is_main():
+        return
     if codes is None:
         results = evaluate.run_results(truth, accs, ceiling, preset)
     else:
@@ -423,17 +479,21 @@ def all_(preset: str = PresetOpt,
          device: str = DeviceOpt, data_dir: Path = DataDirOpt):
     """The whole pipeline: ground truth, warm-up, APS, CPT, SSE, evaluation, report."""
     p, chosen, device, config = run_setup(preset, stages, method, aps, kd, seed, device)
-    name = name or f"{p.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    name = parallel.from_main(name or f"{p.name}-{time.strftime('%Y%m%d-%H%M%S')}")
     if tui:  # the UI process only watches: the data and the device are the trainer's
         return watch_in_tui(open_run(name, config, resume, RUNS), name, sys.argv[2:])
+    check_split(p.batch_size, p.gt_n)
     data = load_dataset(p, device, data_dir)
     run_dir = open_run(name, config, resume, RUNS)
-    log = Console(train_stages.EventLog(run_dir / "events.jsonl"), quiet=False)
-    log("run_start", run=name, preset=p.name, stages=list(chosen), seed=seed, resumed=resume)
+    log = event_log(run_dir, quiet=False)
+    log("run_start", run=name, preset=p.name, stages=list(chosen), seed=seed, resumed=resume,
+        world_size=parallel.world_size())
     log("plan", phases=train_stages.phase_plan(p, chosen, aps, data.train_size))
     truth, ceiling = ground_truth(run_dir, p, data, log, p.gt_n, p.gt_seeds, seed)
     st = train_run(run_dir, config, data, device, log, evaluate.make_probe(p, data, truth))
     accs = evaluate.evaluate_run(st, data, [supernet.decode(c) for c in truth], log)
+    if not parallel.is_main():
+        return  # the rest (results, report, the search) is one process's work
     results = evaluate.run_results(truth, accs, ceiling, p)
     evaluate.write_json_atomic(run_dir / "results.json", results)
     path = evaluate.write_report(run_dir, config, results)
@@ -495,10 +555,12 @@ def search_cmd(name: str = NameOpt,
     """Evolutionary search for the best subnet under a budget (search.json, search.png)."""
     budget = parse_budget(flops, params, latency_ms)
     run_dir, config, preset = load_run_config(name, RUNS)
-    device = pick_device(device)
+    if not parallel.is_main():
+        return  # one process's work: under torchrun, rank 0 searches and the others stop
+    device = pick_device(device, join=False)
     data = load_dataset(preset, device, data_dir)
     st = trained_state(run_dir, config, device)
-    log = Console(train_stages.EventLog(run_dir / "events.jsonl"), quiet)
+    log = event_log(run_dir, quiet)
     try:
         summary = search.run_search(st, data, run_dir, budget, population, generations, seed, log)
     except ValueError as e:
@@ -524,7 +586,9 @@ def export(name: str = NameOpt, code: str = typer.Argument(..., help="the arch t
     if not out.parent.is_dir():
         die(f"--out {out}: folder {out.parent} does not exist")
     run_dir, config, preset = load_run_config(name, RUNS)
-    device = pick_device(device)
+    if not parallel.is_main():
+        return  # one process's work: under torchrun, rank 0 exports and the others stop
+    device = pick_device(device, join=False)
     data = load_dataset(preset, device, data_dir)
     st = trained_state(run_dir, config, device)
     calib = data.calib_batches(preset.calib_batches, preset.calib_batch_size, seed=0)
@@ -574,5 +638,18 @@ def tui_(name: str = NameOpt):
     tui.run_tui(RUNS / name)
 
 
+def main():
+    """The app; under torchrun, a peer that died ends this rank with one line, not a trace."""
+    try:
+        return app()
+    except torch.distributed.DistError as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        typer.echo(f"error: rank {parallel.rank()}: another process of this run stopped "
+                   f"({first}); continue with --resume", err=True)
+        return 1
+    finally:
+        parallel.stop()
+
+
 if __name__ == "__main__":
-    sys.exit(app())
+    sys.exit(main())

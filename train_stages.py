@@ -36,6 +36,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import parallel
 import supernet
 from data import mix_seed
 
@@ -126,9 +127,10 @@ PRESETS = {
 
 
 def set_threads(preset: Preset) -> None:
-    """Pin torch's CPU threads where the preset says so: float results depend on the count."""
+    """Pin torch's CPU threads where the preset says so: float results depend on the count.
+    Processes that torchrun started on one machine share the preset's threads."""
     if preset.cpu_threads:
-        torch.set_num_threads(preset.cpu_threads)
+        torch.set_num_threads(parallel.threads_per_rank(preset.cpu_threads))
 
 
 def pick_device(name: str) -> str:
@@ -469,7 +471,11 @@ def last_checkpoint(run_dir: Path) -> Path:
 
 
 def save_checkpoint(st: TrainState, path: Path) -> None:
-    """Atomic: a crash while writing leaves the previous checkpoint whole."""
+    """Atomic: a crash while writing leaves the previous checkpoint whole. Every rank calls it
+    at the same step; their BN statistics are averaged, then rank 0 alone writes."""
+    parallel.average_buffers(*[m for m in (st.net, st.mean_teacher) if m is not None])
+    if not parallel.is_main():
+        return
     path.parent.mkdir(parents=True, exist_ok=True)
     pinas = None
     if st.queue is not None:
@@ -661,7 +667,7 @@ def choose_kd_teacher(st: TrainState, score, log) -> None:
         return
     warm = distillation_teacher(st)
     largest = supernet.extract_subnet(st.net, supernet.MAX_ARCH)
-    warm_top1, largest_top1 = score(warm), score(largest)
+    warm_top1, largest_top1 = parallel.from_main((score(warm), score(largest)))
     chosen = "largest subnet" if largest_top1 > warm_top1 else "warm-up"
     if largest_top1 > warm_top1:
         st.kd_teacher = {k: v.clone() for k, v in largest.state_dict().items()}
@@ -831,7 +837,7 @@ def pinas_step(st: TrainState, phase: Phase, x: torch.Tensor):
         qb = st.projector(st.net.features(q1, b))
         loss = 0.5 * (info_nce(qa, kb, negatives) + info_nce(qb, ka, negatives))
     loss.backward()  # before the push: the loss's graph holds the queue as it was
-    st.queue.push(F.normalize(ka + kb, dim=1))
+    st.queue.push(parallel.gather_rows(F.normalize(ka + kb, dim=1)))  # the same on every rank
     return [a, b], [loss.detach()]
 
 
@@ -914,7 +920,7 @@ STEPS = {"warmup": warmup_step, "spos": sampled_step, "ps_depth": sampled_step,
 
 def train_step(st: TrainState, phase: Phase, data, key: int, distiller):
     """One optimizer step's forward/backward work: (archs run, their losses)."""
-    x, y = data.train_batch(key, st.step, st.preset.batch_size)
+    x, y = data.train_batch(key, st.step, st.preset.batch_size, parallel.part())
     if phase.stage == "pinas":
         return pinas_step(st, phase, x)  # the labels stop here: Π-NAS never sees them
     if phase.stage in SSE_STAGES:
@@ -953,6 +959,7 @@ def begin_phase(st: TrainState, phase: Phase, log, score=None) -> nn.Module | No
 def end_phase(st: TrainState, phase: Phase, last: bool) -> None:
     """What a phase leaves for the next: the warm-up's net as SSE's teacher, the shared copy in
     the supernet after SSE, no Π-NAS teacher or queue after Π-NAS, no optimizer."""
+    parallel.average_buffers(st.net)  # so every rank copies the same net
     if phase.stage == "warmup":
         full = supernet.extract_subnet(st.net, supernet.MAX_ARCH)
         st.kd_teacher = {k: v.clone() for k, v in full.state_dict().items()}
@@ -1062,12 +1069,15 @@ def run_phase(st: TrainState, phase: Phase, data, log, ckpt: Path | None, probe,
             group["lr"] = lr_at(st.step, steps, phase.lr)
         st.optimizer.zero_grad(set_to_none=True)
         archs, losses = train_step(st, phase, data, key, distiller)
+        parallel.average_gradients(trainable(st, phase))
         st.optimizer.step()
         after_step(st, phase, archs)
         st.step += 1
         seen += preset.batch_size * len(archs)
         pending.append((archs, torch.stack(losses)))
-        if st.step % preset.log_every == 0 or st.step == steps or st.stop_requested:
+        at_log = st.step % preset.log_every == 0 or st.step == steps
+        if at_log or (st.stop_requested and parallel.world_size() == 1):
+            check_same_archs(pending, phase, st.step)
             loss = check_finite(pending, phase, st.step)
             ips = seen / max(time.perf_counter() - t0, 1e-9)
             log("progress", stage=phase.stage, phase=phase.name, step=st.step, steps=steps,
@@ -1076,7 +1086,7 @@ def run_phase(st: TrainState, phase: Phase, data, log, ckpt: Path | None, probe,
             if uses_pool(phase):
                 log("pool", stage=phase.stage, step=st.step, **st.pool.stats())
             pending, seen, t0 = [], 0, time.perf_counter()
-        if st.stop_requested:
+        if agreed_stop(st, at_log):
             if ckpt:
                 save_checkpoint(st, ckpt)
                 log("checkpoint", path=str(ckpt), stage=phase.stage, phase=phase.name, step=st.step)
@@ -1104,12 +1114,31 @@ def log_probe(st: TrainState, phase: Phase, probe, log) -> None:
         log("rank", stage=phase.stage, phase=phase.name, step=st.step, **metrics)
 
 
+def agreed_stop(st: TrainState, at_log: bool) -> bool:
+    """Whether to stop after this step: at once after Ctrl-C in one process; under torchrun
+    at the next log step, once any rank has seen it, so that all stop at the same step."""
+    if parallel.world_size() == 1:
+        return st.stop_requested
+    return at_log and parallel.any_rank(st.stop_requested)
+
+
+def check_same_archs(pending, phase: Phase, step: int) -> None:
+    """Under torchrun: TrainingError on every rank when the ranks trained different archs
+    since the last check (only a hash of their codes travels)."""
+    codes = ",".join(supernet.encode(a) for archs, _ in pending for a in archs)
+    ranks = parallel.differing_ranks(codes)
+    if ranks:
+        raise TrainingError(f"ranks {ranks} sampled other archs than rank 0 in {phase.name} "
+                            f"before step {step}: their arch RNGs went apart")
+
+
 def check_finite(pending, phase: Phase, step: int) -> float:
-    """Mean loss since the last check; TrainingError naming stage and arch on NaN/inf.
+    """Mean loss since the last check, over all ranks; TrainingError naming stage and arch on
+    NaN/inf (on every rank: the losses are averaged first).
 
     Checked only every `log_every` steps, so the GPU is never made to wait in between.
     """
-    losses = torch.cat([l.float() for _, l in pending])
+    losses = parallel.mean_over_ranks(torch.cat([l.float() for _, l in pending]))
     if not torch.isfinite(losses).all():
         for i, (archs, l) in enumerate(pending):
             bad = (~torch.isfinite(l.float())).nonzero()

@@ -285,6 +285,30 @@ def test_folder_steps_of_an_epoch_continue_one_iterator(folders, monkeypatch):
     assert len(loaders) == 2
 
 
+def test_folder_shares_of_a_batch_make_up_the_whole_batch_in_every_epoch(folders):
+    """What each of 2 ranks takes is its half of the one-process batch, with the same images
+    and augmentation, and the order changes from epoch to epoch."""
+    root, expected = folders
+    whole, ranks = (data.FolderData(root, 16, "cpu", workers=0) for _ in range(2))
+    for step in (0, 1, 3):  # 3 batches of 4 an epoch: step 3 is the second epoch's first
+        x, y = whole.train_batch(1, step, 4)
+        parts = [ranks.train_batch(1, step, 4, (r, 2)) for r in (0, 1)]
+        assert torch.equal(torch.cat([p[0] for p in parts]), x)
+        assert torch.equal(torch.cat([p[1] for p in parts]), y)
+    first, second = (folder_sources(whole.train_batch(1, s, 4)[0], expected["train"])
+                     for s in (0, 3))
+    assert first != second
+    with pytest.raises(ValueError, match="cannot be split evenly over 3"):
+        ranks.train_batch(1, 0, 4, (0, 3))
+
+
+def test_tensor_shares_of_a_batch_make_up_the_whole_batch(cifar_data):
+    x, y = cifar_data.train_batch(5, 2, 16)
+    parts = [cifar_data.train_batch(5, 2, 16, (r, 4)) for r in range(4)]
+    assert torch.equal(torch.cat([p[0] for p in parts]), x)
+    assert torch.equal(torch.cat([p[1] for p in parts]), y)
+
+
 def test_folder_resume_in_the_middle_of_an_epoch(folders):
     root, expected = folders
     run = data.FolderData(root, 16, "cpu", workers=0)

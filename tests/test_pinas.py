@@ -98,8 +98,8 @@ class NoLabels:
     def __init__(self, data):
         self.data, self.train_size = data, data.train_size
 
-    def train_batch(self, key, step, batch_size):
-        x, y = self.data.train_batch(key, step, batch_size)
+    def train_batch(self, key, step, batch_size, part=(0, 1)):
+        x, y = self.data.train_batch(key, step, batch_size, part)
         return x, torch.full(y.shape, float("nan"))
 
 
