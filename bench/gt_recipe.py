@@ -13,7 +13,7 @@ The archs are sampled uniformly from the challenge space with their own seed (`-
 never the headline archs' seed 0), so a recipe is never chosen on the archs it is judged on.
 Every net lands in the committed bench/results/groundtruth.json as it finishes (its recipe
 hash keeps budgets apart): a killed run goes on where it stopped, and a rerun only reads.
-Writes bench/results/gt-recipe-<preset>[-ls<x>][-sub<n>].json and .md.
+Writes bench/results/gt-recipe-<preset>[-ls<x>][-sub<n>][-archseed<s>].json and .md.
 """
 
 import statistics
@@ -110,7 +110,8 @@ def main(preset: str = typer.Option("small", help="the recipe to vary: a preset'
     typer.echo("\n" + md)
     name = (f"gt-recipe-{preset}"
             + (f"-ls{label_smoothing:g}" if label_smoothing is not None else "")
-            + (f"-sub{train_subset}" if train_subset is not None else ""))
+            + (f"-sub{train_subset}" if train_subset is not None else "")
+            + (f"-archseed{arch_seed}" if arch_seed != 1000 else ""))
     where = f"{device}, {torch.get_num_threads()} threads"
     out.mkdir(parents=True, exist_ok=True)
     evaluate.write_json_atomic(out / f"{name}.json", {
