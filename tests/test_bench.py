@@ -68,3 +68,19 @@ def test_gt_recipe_curve_reuses_every_net_it_trained(tmp_path, monkeypatch, micr
     assert len(nets) == 2 * 3 * 2  # budgets x archs x seeds, each under its own recipe key
     monkeypatch.setattr(evaluate, "train_standalone", lambda *a, **k: pytest.fail("retrained"))
     assert run()["rows"] == first["rows"]
+
+
+def test_ablation_verdicts_give_the_paired_interval_and_flag_a_backwards_floor():
+    def row(variant, tau):
+        return {"variant": variant, "metrics": {"kendall": tau}}
+    rows = [row("FLOPs", -0.5), row("SPOS", 0.1), row(ablation.FULL, 0.2)]
+    differences = {"FLOPs": {"kendall_ci": [0.4, 0.9]}, "SPOS": {"kendall_ci": [-0.1, 0.3]}}
+    ceiling = {"ceiling": {"kendall": 0.5}}
+    verdicts = ablation.targets(rows, ceiling, differences)
+    assert [v["met"] for v in verdicts.values()] == [True, True, False]
+    text = ablation.verdict_lines(verdicts, rows)
+    assert "[0.400, 0.900] is above 0.05" in text
+    assert "[-0.100, 0.300] is not above 0.05" in text
+    assert "smaller is better, reaches 0.500" in text
+    rows[0] = row("FLOPs", 0.1)
+    assert "backwards" not in ablation.verdict_lines(verdicts, rows)

@@ -112,3 +112,19 @@ def test_more_processes_than_archs_or_an_uneven_batch_is_refused(monkeypatch, ca
             nas.check_split(**kwargs)
         assert e.value.exit_code == 2
         assert words in capsys.readouterr().err
+
+
+def test_archs_that_differ_between_ranks_stop_the_run_naming_the_ranks(monkeypatch):
+    import supernet
+    import train_stages
+    seen = []
+
+    def differing(text):
+        seen.append(text)
+        return [1]
+    monkeypatch.setattr(parallel, "differing_ranks", differing)
+    phase = train_stages.stage_phases("spos", train_stages.PRESETS["tiny"])[0]
+    pending = [([supernet.MAX_ARCH], torch.zeros(1))]
+    with pytest.raises(train_stages.TrainingError, match=r"ranks \[1\] sampled other archs"):
+        train_stages.check_same_archs(pending, phase, 10)
+    assert seen == [supernet.encode(supernet.MAX_ARCH)]
