@@ -11,7 +11,6 @@ with one thread per process (torchrun's default):
 The runs go to runs/bench-par-*, removed first. Writes bench/results/parallel-<preset>-cpu.json.
 """
 
-import json
 import os
 import shutil
 import subprocess
