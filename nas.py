@@ -28,7 +28,7 @@ import parallel
 import search
 import supernet
 import train_stages
-from data import DataError, load_data
+from data import DataError, batch_part, load_data
 
 RUNS = Path("runs")
 IMAGE_SHAPES = {224: supernet.NetShape(224, 3, 1000), 32: supernet.NetShape(32, 3, 10),
@@ -98,8 +98,11 @@ def check_split(batch_size: int | None = None, archs: int | None = None) -> None
     """Bad input under torchrun: a batch the ranks cannot share evenly, or fewer archs than
     ranks (some would have nothing to do)."""
     world = parallel.world_size()
-    if batch_size is not None and batch_size % world:
-        die(f"the batch of {batch_size} cannot be split evenly over {world} processes")
+    if batch_size is not None:
+        try:
+            batch_part(batch_size, (0, world))
+        except ValueError as e:
+            die(str(e))
     if archs is not None and archs < world:
         die(f"{world} processes for {archs} archs: use at most {archs} processes")
 

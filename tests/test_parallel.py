@@ -123,6 +123,7 @@ def test_archs_that_differ_between_ranks_stop_the_run_naming_the_ranks(monkeypat
         seen.append(text)
         return [1]
     monkeypatch.setattr(parallel, "differing_ranks", differing)
+    monkeypatch.setattr(parallel, "world_size", lambda: 2)
     phase = train_stages.stage_phases("spos", train_stages.PRESETS["tiny"])[0]
     pending = [([supernet.MAX_ARCH], torch.zeros(1))]
     with pytest.raises(train_stages.TrainingError, match=r"ranks \[1\] sampled other archs"):
