@@ -24,11 +24,17 @@ import torch
 import typer
 
 import evaluate
+import events
 import parallel
+import presets
+import report as reports
 import search
 import supernet
-import train_stages
+import trainer
 from data import DataError, batch_part, load_data
+from groundtruth import build_ground_truth, stored_ground_truth, train_static
+from presets import TrainingError
+from stages import APS_VERSIONS, METHODS, STAGES, check_stages
 
 RUNS = Path("runs")
 IMAGE_SHAPES = {224: supernet.NetShape(224, 3, 1000), 32: supernet.NetShape(32, 3, 10),
@@ -52,19 +58,19 @@ def say(message: str, err: bool = False):
         typer.echo(message, err=err)
 
 
-def get_preset(name: str) -> train_stages.Preset:
-    if name not in train_stages.PRESETS:
-        die(f"unknown preset {name!r}; presets are {', '.join(train_stages.PRESETS)}")
-    return train_stages.PRESETS[name]
+def get_preset(name: str) -> presets.Preset:
+    if name not in presets.PRESETS:
+        die(f"unknown preset {name!r}; presets are {', '.join(presets.PRESETS)}")
+    return presets.PRESETS[name]
 
 
 def parse_stages(stages: str | None, method: str) -> tuple[str, ...]:
     if not stages:
-        if method not in train_stages.METHODS:
-            die(f"unknown method {method!r}; methods are {', '.join(train_stages.METHODS)}")
-        return train_stages.METHODS[method]
+        if method not in METHODS:
+            die(f"unknown method {method!r}; methods are {', '.join(METHODS)}")
+        return METHODS[method]
     try:
-        return train_stages.check_stages(s.strip() for s in stages.split(",") if s.strip())
+        return check_stages(s.strip() for s in stages.split(",") if s.strip())
     except ValueError as e:
         die(str(e))
 
@@ -73,7 +79,7 @@ def pick_device(name: str, join: bool = True) -> str:
     """The device; under torchrun and with `join`, also joins the process group (and takes
     this rank's GPU)."""
     try:
-        device = train_stages.pick_device(name)
+        device = presets.pick_device(name)
         return parallel.start(device) if join else device
     except ValueError as e:
         die(str(e))
@@ -125,7 +131,7 @@ def open_run_folder(name: str, config: dict, resume: bool, runs: Path) -> Path:
         except ValueError:
             die(f"{saved} is not valid JSON; start a new --name")
         if old != config:
-            changed = ", ".join(train_stages.config_diff(old, config))
+            changed = ", ".join(presets.config_diff(old, config))
             die(f"run {name!r} was started with a different config ({changed}); "
                 "resume with the same options or start a new --name")
         return run_dir
@@ -133,15 +139,15 @@ def open_run_folder(name: str, config: dict, resume: bool, runs: Path) -> Path:
         die(f"run {name!r} already exists in {run_dir}: pass --resume to continue it, "
             "or choose another --name")
     (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
-    evaluate.write_json_atomic(saved, config)
+    presets.write_json_atomic(saved, config)
     return run_dir
 
 
-def load_run_config(name: str, runs: Path) -> tuple[Path, dict, train_stages.Preset]:
+def load_run_config(name: str, runs: Path) -> tuple[Path, dict, presets.Preset]:
     run_dir = runs / name
     try:
         config = json.loads((run_dir / "config.json").read_text())
-        preset = train_stages.Preset(**config["preset"])
+        preset = presets.Preset(**config["preset"])
     except FileNotFoundError:
         die(f"no run {name!r}: {run_dir / 'config.json'} does not exist")
     except (ValueError, KeyError, TypeError):
@@ -149,11 +155,11 @@ def load_run_config(name: str, runs: Path) -> tuple[Path, dict, train_stages.Pre
     return run_dir, config, preset
 
 
-def load_dataset(preset: train_stages.Preset, device: str, data_dir: Path | None):
+def load_dataset(preset: presets.Preset, device: str, data_dir: Path | None):
     downloads = preset.dataset in ("cifar10", "cifar100")  # torchvision makes their folder
     if data_dir is not None and not data_dir.is_dir() and not downloads:
         die(f"--data-dir {data_dir} is not a folder")
-    train_stages.set_threads(preset)
+    presets.set_threads(preset)
     try:
         return load_data(preset, device, data_dir)
     except DataError as e:
@@ -163,14 +169,16 @@ def load_dataset(preset: train_stages.Preset, device: str, data_dir: Path | None
 def event_log(run_dir: Path, quiet: bool) -> "Console":
     """The run's events.jsonl and the terminal; silent on every rank but 0 under torchrun."""
     main = parallel.is_main()
-    return Console(train_stages.EventLog(run_dir / "events.jsonl" if main else None),
-                   quiet or not main)
+    return Console(events.EventLog(run_dir / "events.jsonl" if main else None), quiet or not main)
 
 
 class Console:
-    """The event log, echoed to the terminal: a rich progress bar per phase, a line per phase."""
+    """The event log, echoed to the terminal: a rich progress bar per phase and for the ground
+    truth, and `events.describe`'s line for the events worth a line here."""
 
-    def __init__(self, log: train_stages.EventLog, quiet: bool):
+    LINES = {"phase_end", "rank", "warning", "kd_teacher", "search"}
+
+    def __init__(self, log: events.EventLog, quiet: bool):
         from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
                                    TimeRemainingColumn)
         self.log = log
@@ -193,21 +201,10 @@ class Console:
             if f["done"] == 1 or self.task is None:
                 self._new_task("ground truth", f["total"], 0)
             self.bar.update(self.task, completed=f["done"], info=f"last {f['acc']:.4f}")
-        elif event == "phase_end":
-            self._stop()
-            loss = f["loss"] if f["loss"] is not None else float("nan")
-            typer.echo(f"{f['phase']:<18} loss {loss:.4f}  {f['seconds']:.1f} s")
-        elif event == "rank":
-            typer.echo(f"{'':18} rank  pearson {f['pearson']:.3f}  kendall {f['kendall']:.3f}"
-                       f"  spearman {f['spearman']:.3f}  (n = {f['n']})")
-        elif event == "warning":
-            typer.echo(f"warning: {f['message']}", err=True)
-        elif event == "kd_teacher":
-            typer.echo(f"SSE teacher: warm-up {f['warmup_top1']:.4f}, largest subnet "
-                       f"{f['largest_subnet_top1']:.4f}: the {f['chosen']}")
-        elif event == "search":
-            typer.echo(f"search generation {f['done']}/{f['total']}: best {f['top1']:.4f}, "
-                       f"{f['evaluated']} archs evaluated")
+        if event in self.LINES:
+            if event == "phase_end":
+                self._stop()
+            typer.echo(events.describe(record), err=event == "warning")
         return record
 
     def _new_task(self, name: str, total: int, done: int):
@@ -269,47 +266,55 @@ def sample(archs_n: int = typer.Option(10, "--archs-n", min=1, help="how many co
 # ---------------------------------------------------------------- the pipeline's steps
 
 def train_run(run_dir: Path, config: dict, data, device: str, log,
-              probe=None) -> train_stages.TrainState:
+              probe=None) -> trainer.TrainState:
     """Train from the run's checkpoint if it has one, else from scratch; exits cleanly on Ctrl-C."""
-    st = train_stages.state_from_config(config, device)
-    ckpt = train_stages.last_checkpoint(run_dir)
+    st = trainer.state_from_config(config, device)
+    ckpt = trainer.last_checkpoint(run_dir)
     try:
         if ckpt.exists():
-            train_stages.load_checkpoint(st, ckpt)
-        return train_stages.train(st, data, run_dir, log, probe,
-                                  evaluate.make_scorer(st.preset, data))
-    except train_stages.Stopped as e:
+            trainer.load_checkpoint(st, ckpt)
+        return trainer.train(st, data, run_dir, log, probe, evaluate.make_scorer(st.preset, data))
+    except trainer.Stopped as e:
         log("end", status="interrupted", message=f"{e}; continue with --resume")
         say(f"{e}: checkpoint {ckpt}; continue with --resume", err=True)
         raise typer.Exit(130)
-    except train_stages.TrainingError as e:
+    except TrainingError as e:
         log("end", status="failed", message=str(e))
         die(str(e), 1)
 
 
-def ground_truth(run_dir: Path, preset: train_stages.Preset, data, log, n: int, seeds: int,
+def ground_truth(run_dir: Path, preset: presets.Preset, data, log, n: int, seeds: int,
                  seed: int, stratified: bool = False):
     try:
-        return evaluate.build_ground_truth(run_dir, preset, data, log, n, seeds, seed, stratified)
+        return build_ground_truth(run_dir, preset, data, log, n, seeds, seed, stratified)
     except ValueError as e:
         die(str(e))
-    except train_stages.TrainingError as e:
+    except TrainingError as e:
         die(str(e), 1)
 
 
-def trained_state(run_dir: Path, config: dict, device: str) -> train_stages.TrainState:
-    st = train_stages.state_from_config(config, device)
-    ckpt = train_stages.last_checkpoint(run_dir)
+def trained_state(run_dir: Path, config: dict, device: str) -> trainer.TrainState:
+    st = trainer.state_from_config(config, device)
+    ckpt = trainer.last_checkpoint(run_dir)
     if not ckpt.exists():
         die(f"run {run_dir.name!r} has no checkpoint yet ({ckpt}); train it first")
     try:
-        train_stages.load_checkpoint(st, ckpt)
-    except train_stages.TrainingError as e:
+        trainer.load_checkpoint(st, ckpt)
+    except TrainingError as e:
         die(str(e))
     if st.phase_index < len(st.phases()):
         say(f"warning: training of {run_dir.name!r} is not finished; "
             "evaluating the weights as they are", err=True)
     return st
+
+
+def trained_run(name: str, device: str, data_dir: Path | None, join: bool = True):
+    """(run folder, config, preset, data, trained state) of run `name`: what evaluate, search
+    and export begin with; one line and exit 2 for anything missing."""
+    run_dir, config, preset = load_run_config(name, RUNS)
+    device = pick_device(device, join)
+    data = load_dataset(preset, device, data_dir)
+    return run_dir, config, preset, data, trained_state(run_dir, config, device)
 
 
 def with_search(results: dict, run_dir: Path) -> dict:
@@ -324,9 +329,9 @@ def print_summary(results: dict, report: Path) -> None:
     m, c = results["metrics"], results.get("noise_ceiling")
     head = f"supernet (n={m['n']})"
     typer.echo(f"\n{'':10} {head:>26} {'ceiling (2-seed mean)':>26} {'FLOPs':>8}")
-    for name in evaluate.METRICS:
-        ceiling = evaluate.format_metric(c["ceiling"], name) if c else "n/a"
-        typer.echo(f"{name:10} {evaluate.format_metric(m, name):>26} {ceiling:>26}"
+    for name in reports.METRICS:
+        ceiling = reports.format_metric(c["ceiling"], name) if c else "n/a"
+        typer.echo(f"{name:10} {reports.format_metric(m, name):>26} {ceiling:>26}"
                    f" {results['flops'][name]:>8.3f}")
     typer.echo(f"report: {report}")
 
@@ -338,8 +343,8 @@ PresetOpt = typer.Option("cifar", help="tiny (CPU smoke run), small (CPU rank ev
                                        "paper (ImageNet)")
 NameOpt = typer.Option(..., "--name", "-r", help="run name: runs/NAME")
 StagesOpt = typer.Option(None, help="comma-separated stages to run instead of the method's: "
-                                    f"{', '.join(train_stages.STAGES)}")
-MethodOpt = typer.Option("full", help=f"stage list: {', '.join(train_stages.METHODS)}")
+                                    f"{', '.join(STAGES)}")
+MethodOpt = typer.Option("full", help=f"stage list: {', '.join(METHODS)}")
 ApsOpt = typer.Option("v3", help="APS version: v1, v2 or v3 (the paper's best)")
 KdOpt = typer.Option(True, help="SSE with distillation from the warm-up's full net (\"Dis\")")
 DeviceOpt = typer.Option("auto", help="auto, cpu or cuda")
@@ -349,11 +354,11 @@ DataDirOpt = typer.Option(None, help="dataset folder (CIFAR download target, Ima
 def run_setup(preset_name, stages, method, aps, kd, seed, device):
     """(preset, stages, device, config) from the options, or one line and exit 2."""
     preset = get_preset(preset_name)
-    if aps not in train_stages.APS_DEPTH:
+    if aps not in APS_VERSIONS:
         die(f"unknown APS version {aps!r}; use v1, v2 or v3")
     chosen = parse_stages(stages, method)
     device = pick_device(device)
-    return preset, chosen, device, train_stages.run_config(preset, chosen, seed, aps, kd)
+    return preset, chosen, device, presets.run_config(preset, chosen, seed, aps, kd)
 
 
 @app.command()
@@ -400,7 +405,7 @@ def groundtruth(preset: str = PresetOpt, name: str = NameOpt,
     if ceiling:
         for label, m in (("seed vs seed", ceiling["seed_vs_seed"]),
                          ("ceiling for a predictor of the 2-seed mean", ceiling["ceiling"])):
-            metrics = "  ".join(f"{k} {evaluate.format_metric(m, k)}" for k in evaluate.METRICS)
+            metrics = "  ".join(f"{k} {reports.format_metric(m, k)}" for k in reports.METRICS)
             say(f"{label}: {metrics}  (n = {m['n']})")
 
 
@@ -415,16 +420,14 @@ def evaluate_cmd(name: str = NameOpt,
     codes = None
     if archs is not None:
         try:
-            codes = evaluate.read_challenge(archs)
+            codes = reports.read_challenge(archs)
         except ValueError as e:
             die(str(e))
     elif out is not None:
         die("--out needs --archs: the challenge file to fill in")
-    run_dir, config, preset = load_run_config(name, RUNS)
-    device = pick_device(device)
-    data = load_dataset(preset, device, data_dir)
+    run_dir, config, preset, data, st = trained_run(name, device, data_dir)
     try:
-        truth, ceiling = evaluate.stored_ground_truth(run_dir, preset, device)
+        truth, ceiling = stored_ground_truth(run_dir, preset, data.device)
     except ValueError as e:
         die(str(e))
     if codes is None and not truth:
@@ -432,21 +435,20 @@ def evaluate_cmd(name: str = NameOpt,
             "run groundtruth or pass --archs")
     wanted = list(dict.fromkeys(codes.values())) if codes else list(truth)
     check_split(archs=len(wanted))
-    st = trained_state(run_dir, config, device)
     log = event_log(run_dir, quiet)
     accs = evaluate.evaluate_run(st, data, [supernet.decode(c) for c in wanted], log)
     if not parallel.is_main():
         return
     if codes is None:
-        results = evaluate.run_results(truth, accs, ceiling, preset)
+        results = reports.run_results(truth, accs, ceiling, preset)
     else:
         results = {"evaluated": accs}
-    evaluate.write_json_atomic(run_dir / "results.json", results)
+    presets.write_json_atomic(run_dir / "results.json", results)
     if out is not None:
-        evaluate.write_challenge(out, codes, accs)
+        reports.write_challenge(out, codes, accs)
         typer.echo(f"wrote {len(codes)} archs with acc to {out}")
     if codes is None:
-        print_summary(results, evaluate.write_report(run_dir, config,
+        print_summary(results, reports.write_report(run_dir, config,
                                                      with_search(results, run_dir)))
 
 
@@ -461,7 +463,7 @@ def report(name: str = NameOpt):
         die(f"run {name!r} has no ground-truth results yet: "
             f"run `nas.py evaluate --name {name}` first")
     try:
-        path = evaluate.write_report(run_dir, config, with_search(results, run_dir))
+        path = reports.write_report(run_dir, config, with_search(results, run_dir))
     except (KeyError, TypeError, ValueError):
         die(f"{run_dir / 'results.json'} was written by another version: "
             f"run `nas.py evaluate --name {name}` again")
@@ -491,15 +493,15 @@ def all_(preset: str = PresetOpt,
     log = event_log(run_dir, quiet=False)
     log("run_start", run=name, preset=p.name, stages=list(chosen), seed=seed, resumed=resume,
         world_size=parallel.world_size())
-    log("plan", phases=train_stages.phase_plan(p, chosen, aps, data.train_size))
+    log("plan", phases=trainer.phase_plan(p, chosen, aps, data.train_size))
     truth, ceiling = ground_truth(run_dir, p, data, log, p.gt_n, p.gt_seeds, seed)
     st = train_run(run_dir, config, data, device, log, evaluate.make_probe(p, data, truth))
     accs = evaluate.evaluate_run(st, data, [supernet.decode(c) for c in truth], log)
     if not parallel.is_main():
         return  # the rest (results, report, the search) is one process's work
-    results = evaluate.run_results(truth, accs, ceiling, p)
-    evaluate.write_json_atomic(run_dir / "results.json", results)
-    path = evaluate.write_report(run_dir, config, results)
+    results = reports.run_results(truth, accs, ceiling, p)
+    presets.write_json_atomic(run_dir / "results.json", results)
+    path = reports.write_report(run_dir, config, results)
     final = {k: results["metrics"][k] for k in ("pearson", "kendall", "spearman", "n")}
     log("rank", stage="final", step=0, **final, points=evaluate.scatter_points(accs, truth))
     try:
@@ -508,9 +510,9 @@ def all_(preset: str = PresetOpt,
                                               seed, log)
     except ValueError as e:
         die(str(e))
-    evaluate.write_json_atomic(run_dir / "results.json", results)
-    path = evaluate.write_report(run_dir, config, results)
-    log("results", report=str(path), **evaluate.results_table(results))
+    presets.write_json_atomic(run_dir / "results.json", results)
+    path = reports.write_report(run_dir, config, results)
+    log("results", report=str(path), **reports.results_table(results))
     log("end", status="done", message=f"report: {path}")
     print_summary(results, path)
     print_search(results["search"], run_dir)
@@ -557,12 +559,9 @@ def search_cmd(name: str = NameOpt,
                quiet: bool = False):
     """Evolutionary search for the best subnet under a budget (search.json, search.png)."""
     budget = parse_budget(flops, params, latency_ms)
-    run_dir, config, preset = load_run_config(name, RUNS)
     if not parallel.is_main():
         return  # one process's work: under torchrun, rank 0 searches and the others stop
-    device = pick_device(device, join=False)
-    data = load_dataset(preset, device, data_dir)
-    st = trained_state(run_dir, config, device)
+    run_dir, _, _, data, st = trained_run(name, device, data_dir, join=False)
     log = event_log(run_dir, quiet)
     try:
         summary = search.run_search(st, data, run_dir, budget, population, generations, seed, log)
@@ -588,12 +587,9 @@ def export(name: str = NameOpt, code: str = typer.Argument(..., help="the arch t
         die(f"{out} exists; choose another --out")
     if not out.parent.is_dir():
         die(f"--out {out}: folder {out.parent} does not exist")
-    run_dir, config, preset = load_run_config(name, RUNS)
     if not parallel.is_main():
         return  # one process's work: under torchrun, rank 0 exports and the others stop
-    device = pick_device(device, join=False)
-    data = load_dataset(preset, device, data_dir)
-    st = trained_state(run_dir, config, device)
+    run_dir, config, preset, data, st = trained_run(name, device, data_dir, join=False)
     calib = data.calib_batches(preset.calib_batches, preset.calib_batch_size, seed=0)
     net = search.inherited_subnet(st, arch, calib)
     top1 = evaluate.accuracy(net, None, data.eval_batches(preset.eval_subset))
@@ -601,13 +597,13 @@ def export(name: str = NameOpt, code: str = typer.Argument(..., help="the arch t
     state = out.with_name(out.name + ".finetune")
     if finetune:
         try:
-            evaluate.train_static(net, preset, data, seed, finetune, checkpoint=state,
+            train_static(net, preset, data, seed, finetune, checkpoint=state,
                                   what=f"{supernet.encode(arch)} of run {name}")
         except KeyboardInterrupt:
             die(f"interrupted: run the same command again to go on from {state}", 130)
         except ValueError as e:
             die(str(e))
-        except train_stages.TrainingError as e:
+        except TrainingError as e:
             die(str(e), 1)
         evaluate.calibrate_bn(net, None, calib)  # exact statistics for the weights it ends with
         top1 = evaluate.accuracy(net, None, data.eval_batches(preset.eval_subset))

@@ -23,6 +23,7 @@ import random
 import re
 import statistics
 import time
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -31,7 +32,7 @@ import torch.nn as nn
 
 import evaluate
 import supernet
-import train_stages
+from presets import Preset, replace_atomically, write_json_atomic
 
 CHALLENGE_SHAPE = supernet.NetShape()  # 224 px, 3 channels, 1000 classes, full width
 UNITS = {"": 1.0, "K": 1e3, "M": 1e6, "G": 1e9, "T": 1e12}
@@ -136,9 +137,10 @@ class SearchLog:
 
 
 class Fitness:
-    """Top-1 of archs with the run's supernet, cached in the search log; sizes and latency."""
+    """Top-1 of archs with the run's supernet (a trainer.TrainState), cached in the search log;
+    sizes and latency."""
 
-    def __init__(self, st: train_stages.TrainState, data, log: SearchLog):
+    def __init__(self, st, data, log: SearchLog):
         preset = st.preset
         self.st = st
         self.preset = preset
@@ -168,7 +170,7 @@ class Fitness:
         """{code: top-1} of `archs`, evaluating only those the log does not hold."""
         todo = [a for a in dict.fromkeys(archs) if supernet.encode(a) not in self.log.top1]
         if todo:
-            accs = evaluate.evaluate_archs(self.st, todo, self.calib, self.evals)
+            accs = evaluate.evaluate_archs(self.st.net, self.st.sse, todo, self.calib, self.evals)
             for a in todo:
                 code = supernet.encode(a)
                 flops, params = challenge_size(a)
@@ -315,7 +317,7 @@ def write_search_png(path: Path, summary: dict, points: list[dict]) -> Path:
     return path
 
 
-def run_search(st: train_stages.TrainState, data, run_dir: Path, budget: Budget,
+def run_search(st, data, run_dir: Path, budget: Budget,
                population: int, generations: int, seed: int, log) -> dict:
     """Search, then write `search.json` and `search.png` in the run folder; their summary."""
     check_budget(budget)
@@ -335,7 +337,7 @@ def run_search(st: train_stages.TrainState, data, run_dir: Path, budget: Budget,
     summary = search_summary(search_log, budget, fitness)
     summary["evaluated_now"] = fitness.evaluated
     summary["archs_per_min"] = 60 * fitness.evaluated / seconds if fitness.evaluated else None
-    evaluate.write_json_atomic(run_dir / "search.json", summary)
+    write_json_atomic(run_dir / "search.json", summary)
     write_search_png(run_dir / "search.png", summary, evaluated_points(search_log))
     return summary
 
@@ -360,25 +362,21 @@ class Normalized(nn.Module):
         return self.net((x - self.mean) / self.std)
 
 
-def inherited_subnet(st: train_stages.TrainState, arch: supernet.Arch, calib) -> nn.Module:
-    """`arch` as a static net with its owner's weights and exactly recalibrated BN; the
-    supernet holds the same weights afterwards as before."""
-    before = st.current_sub
-    if st.sse_stage:
-        train_stages.swap_sub(st, train_stages.sse_owner(arch, st.sse_stage))
-    net = supernet.extract_subnet(st.net, arch)
-    if st.sse_stage:
-        train_stages.swap_sub(st, before)
+def inherited_subnet(st, arch: supernet.Arch, calib) -> nn.Module:
+    """`arch` as a static net with its owner's weights (in a trainer.TrainState's supernet) and
+    exactly recalibrated BN; the supernet holds the same weights afterwards as before."""
+    with st.sse.holding(st.net, st.sse.owner(arch)) if st.sse else nullcontext():
+        net = supernet.extract_subnet(st.net, arch)
     evaluate.calibrate_bn(net, None, calib)
     return net.eval()
 
 
-def save_export(out: Path, net: supernet.StaticNet, preset: train_stages.Preset,
+def save_export(out: Path, net: supernet.StaticNet, preset: Preset,
                 mean: torch.Tensor, std: torch.Tensor) -> tuple[Path, Path]:
     """`out` (code, preset and state_dict for StaticNet) and `out` with suffix .pt2 (the
     torch.export program on [0, 1] images, batch size free)."""
     net = net.cpu().eval()
-    train_stages.replace_atomically(out, lambda tmp: torch.save(
+    replace_atomically(out, lambda tmp: torch.save(
         {"code": supernet.encode(net.arch), "preset": asdict(preset),
          "state_dict": net.state_dict()}, tmp))
     wrapped = Normalized(net, mean.cpu(), std.cpu()).eval()
@@ -387,7 +385,7 @@ def save_export(out: Path, net: supernet.StaticNet, preset: train_stages.Preset,
     batch = torch.export.Dim("batch", min=1)
     program = torch.export.export(wrapped, (example,), dynamic_shapes=({0: batch},))
     program_path = out.with_suffix(".pt2")
-    train_stages.replace_atomically(program_path, lambda tmp: _save_program(program, tmp))
+    replace_atomically(program_path, lambda tmp: _save_program(program, tmp))
     return out, program_path
 
 
@@ -399,7 +397,7 @@ def _save_program(program, path: Path) -> None:
 def load_export(path: Path) -> supernet.StaticNet:
     """The StaticNet of a `net.pt`."""
     blob = torch.load(path, map_location="cpu", weights_only=True)
-    preset = train_stages.Preset(**blob["preset"])
+    preset = Preset(**blob["preset"])
     net = supernet.StaticNet(supernet.decode(blob["code"]), preset.shape)
     net.load_state_dict(blob["state_dict"])
     return net.eval()

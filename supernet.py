@@ -165,9 +165,18 @@ def layer_codes(arch: Arch) -> tuple[int, ...]:
     return tuple(int(c) or ABSENT_AS for c in encode(arch)[5:])
 
 
+def distances(a: list[Arch], b: list[Arch]) -> torch.Tensor:
+    """Eq. 2 of the APS/CPT paper between every arch of `a` and every arch of `b`:
+    D(i, j) = sum_k |C_i^k - C_j^k| over the stem and block width codes (len(a) x len(b),
+    whole numbers held exactly in float32)."""
+    def codes(archs):
+        return torch.tensor([layer_codes(x) for x in archs], dtype=torch.float32)
+    return torch.cdist(codes(a), codes(b), p=1)
+
+
 def distance(a: Arch, b: Arch) -> int:
-    """Eq. 2 of the APS/CPT paper: D(i, j) = sum_k |C_i^k - C_j^k| over the width codes."""
-    return sum(abs(x - y) for x, y in zip(layer_codes(a), layer_codes(b)))
+    """Eq. 2 between two archs."""
+    return int(distances([a], [b])[0, 0])
 
 
 # ---------------------------------------------------------------- network shapes

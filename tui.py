@@ -1,18 +1,20 @@
 """Live view of a training run: follows `runs/<name>/events.jsonl` and shows it in Textual.
 
-The event log is the only thing this module knows about the program: it imports nothing of
-ours, so it can attach to a run written by another process, or to one that
-has finished. The log may still be being written, may hold events this version does not know,
-and old events may lack fields, so every field is read with `.get` and formatted defensively.
+The event log is the only thing this module knows about the program: of ours it imports only
+events.py (the log's vocabulary and its one-line descriptions), so it can attach to a run
+written by another process, or to one that has finished. The log may still be being written,
+may hold events this version does not know, and old events may lack fields, so every field is
+read with `.get` and formatted defensively.
 
-With `process` given the UI owns the training subprocess: `q` asks once more, then sends SIGINT
-(the trainer saves a checkpoint and writes an `end` event) and waits for it to exit.
+`RunState` folds the events into what the panels show; the text, the ETA and the timeline are
+functions of it. With `process` given, the UI owns the training subprocess (`TrainerControl`):
+`q` asks once more, then sends SIGINT (the trainer saves a checkpoint and writes an `end`
+event) and waits for it to exit.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import os
 import signal
 import subprocess
@@ -24,29 +26,14 @@ from textual.containers import Horizontal, Vertical
 from textual.widgets import DataTable, Footer, Log, ProgressBar, Sparkline, Static
 from textual_plotext import PlotextPlot
 
+from events import clock as _clock, describe, finite as _finite, is_number as _is_num, num as _num
+
 POLL_SECONDS = 0.5
 CONFIRM_SECONDS = 5.0
 QUIET_SECONDS = 60.0  # a run this long without events is maybe not running any more: say so
 END_WORDS = {"done": "finished", "interrupted": "interrupted", "failed": "failed"}
 CONFIRM_TEXT = "press q again to stop training (saves a checkpoint)"
-
-
-def _is_num(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-def _finite(value) -> bool:
-    """Fit for a chart or a progress bar (JSON can carry NaN and Infinity)."""
-    return _is_num(value) and math.isfinite(value)
-
-
-def _num(value, spec: str) -> str:
-    """A number formatted with `spec`, or '-' when the field is missing or not a number."""
-    return format(value, spec) if _is_num(value) else "-"
-
-
-def _clock(t) -> str:
-    return time.strftime("%H:%M:%S", time.localtime(t)) if _finite(t) else "--:--:--"
+GROUND_TRUTH_EVENTS = ("groundtruth", "groundtruth_step")
 
 
 def _ago(seconds: float) -> str:
@@ -76,8 +63,11 @@ def format_space(space) -> list[str]:
     """The sampling space as two compact lines: depth ranges and width codes per stage."""
     if not isinstance(space, dict):
         return []
-    depths = "".join(f"[{lo},{hi}]" for lo, hi in space.get("depths") or [])
-    widths = "|".join(_codes(w) for w in space.get("widths") or [])
+    try:
+        depths = "".join(f"[{lo},{hi}]" for lo, hi in space.get("depths") or [])
+        widths = "|".join(_codes(w) for w in space.get("widths") or [])
+    except (TypeError, ValueError):  # a log of another version, or a damaged line
+        return []
     return [f"D {depths}", f"W {widths}"]
 
 
@@ -117,33 +107,29 @@ class EventTail:
 
 
 class RunState:
-    """What the panels show, folded from the events seen so far."""
+    """What the panels show, folded from the events seen so far: `apply` only stores what an
+    event says; the text and the ETA are functions of the state below."""
 
     def __init__(self, name: str):
         self.name = name
         self.stage = self.phase_name = ""
         self.phase: dict = {}  # latest phase_start
-        self.space: list[str] = []
         self.progress: dict = {}  # latest progress within that phase
-        self.activity: dict = {}  # latest groundtruth/evaluate: shown instead of training progress
+        self.activity: dict = {}  # latest groundtruth/evaluate/search: shown instead of training
         self.gt_rows: list[dict] = []  # finished stand-alone nets, in the order they finished
-        self.gt_changed = False
         self.plan: list[dict] = []  # every phase of the training run: stage, phase, steps
         self.stage_seconds: dict[str, float] = {}  # finished stages
         self.rates: dict[str, float] = {}  # measured seconds per step, by phase
         self.phase_clock: tuple[float, int] | None = None  # (time, step) the phase began at
         self.points: list = []  # [supernet, truth] per arch, from the latest rank event
         self.front: list = []  # [GFLOPs, top-1] of the search's Pareto front so far
-        self.points_changed = False
         self.results: dict = {}  # the final table
         self.pool: dict = {}
         self.pool_means: list[float] = []
-        self.pool_changed = False
         self.rank: dict = {}
         self.ceiling: dict = {}
         self.end: dict | None = None
         self.last_time: float | None = None
-        self.new_log_lines: list[str] = []  # taken by the app on each refresh
 
     def apply(self, event: dict) -> None:
         handler = self.HANDLERS.get(str(event.get("event")))
@@ -156,27 +142,20 @@ class RunState:
         except (TypeError, ValueError, AttributeError, OverflowError):  # odd fields: skip the event
             pass
 
-    def _say(self, event: dict, text: str) -> None:
-        self.new_log_lines.append(f"{_clock(event.get('time'))} {text}")
-
     def _run_start(self, e: dict) -> None:
         """A run, or a resumed one: what was said of an earlier start no longer holds."""
         self.name = e.get("run") or self.name
         self.end, self.plan, self.activity, self.results = None, [], {}, {}
-        self.gt_rows, self.gt_changed = [], True  # a resumed `all` logs its ground truth again
-        self._say(e, f"run {self.name} started (preset {e.get('preset')}, seed {e.get('seed')})")
+        self.gt_rows = []  # a resumed `all` logs its ground truth again
 
     def _stage_start(self, e: dict) -> None:
         self.stage, self.phase_name = e.get("stage", ""), ""
-        self._say(e, f"stage {self.stage} started")
 
     def _phase_start(self, e: dict) -> None:
         self.stage, self.phase_name = e.get("stage", ""), e.get("phase", "")
         self.phase, self.progress, self.activity = e, {}, {}
         resumed_at = e.get("resumed_at") if _finite(e.get("resumed_at")) else 0
         self.phase_clock = (e["time"], resumed_at) if _finite(e.get("time")) else None
-        self.space = format_space(e.get("space"))
-        self._say(e, f"phase {self.phase_name} started: {e.get('steps')} steps, lr {e.get('lr')}")
 
     def _progress(self, e: dict) -> None:
         self.stage = e.get("stage", self.stage)
@@ -189,15 +168,13 @@ class RunState:
 
     def _activity(self, e: dict) -> None:
         """Ground truth, evaluation and search: shown in the phase panel instead of training."""
-        names = {"groundtruth": "ground truth", "groundtruth_step": "ground truth"}
-        self.stage = names.get(e.get("event"), e.get("event"))
+        self.stage = "ground truth" if e.get("event") in GROUND_TRUTH_EVENTS else e.get("event")
         self.phase_name, self.activity = "", e
 
     def _search(self, e: dict) -> None:
         """The search's Pareto front so far takes the scatter: GFLOPs (x) against top-1 (y)."""
         self._activity(e)
         self.front = _pairs(e.get("front"))
-        self.points_changed = True
 
     def _groundtruth(self, e: dict) -> None:
         self._activity(e)
@@ -210,11 +187,6 @@ class RunState:
             self.gt_rows.append(row)
         else:
             self.gt_rows[self.gt_rows.index(again)] = row
-        self.gt_changed = True
-        self._say(e, f"ground truth {e.get('done')}/{e.get('total')}: seed {e.get('seed')} "
-                     f"top-1 {_num(e.get('acc'), '.4f')}" + (
-                         f" ({_num(e.get('seconds'), '.0f')} s)" if e.get("seconds") else
-                         " (stored)"))
 
     def _plan(self, e: dict) -> None:
         phases = e.get("phases")
@@ -222,11 +194,9 @@ class RunState:
 
     def _results(self, e: dict) -> None:
         self.results = e
-        self.points_changed = True  # the run's own scatter again, not the search's
-        self._say(e, f"report: {e.get('report')}")
 
     def _pool(self, e: dict) -> None:
-        self.pool, self.pool_changed = e, True
+        self.pool = e
         if _finite(e.get("mean_dist")):
             self.pool_means.append(e["mean_dist"])
 
@@ -234,109 +204,96 @@ class RunState:
         self.rank = e
         if isinstance(e.get("points"), list):
             self.points = _pairs(e["points"])
-            self.points_changed = True
 
     def _noise_ceiling(self, e: dict) -> None:
         self.ceiling = e
-        seeds = e.get("seed_vs_seed") if isinstance(e.get("seed_vs_seed"), dict) else {}
-        self._say(e, f"noise ceiling: kendall {_num(e.get('kendall'), '.3f')}; seed vs seed "
-                     f"{_num(seeds.get('kendall'), '.3f')} (n {e.get('n')})")
-
-    def _kd_teacher(self, e: dict) -> None:
-        self._say(e, f"SSE teacher: warm-up {_num(e.get('warmup_top1'), '.3f')}, largest subnet "
-                     f"{_num(e.get('largest_subnet_top1'), '.3f')}: the {e.get('chosen')}")
-
-    def _checkpoint(self, e: dict) -> None:
-        self._say(e, f"checkpoint {e.get('phase') or e.get('stage')} step {e.get('step')}: "
-                     f"{e.get('path')}")
-
-    def _warning(self, e: dict) -> None:
-        self._say(e, f"warning: {e.get('message')}")
-
-    def _phase_end(self, e: dict) -> None:
-        seconds = _num(e.get("seconds"), ".1f")
-        self._say(e, f"phase {e.get('phase')} done: loss {_num(e.get('loss'), '.4f')}, {seconds} s")
 
     def _stage_end(self, e: dict) -> None:
         if _finite(e.get("seconds")):
             self.stage_seconds[str(e.get("stage"))] = e["seconds"]
-        self._say(e, f"stage {e.get('stage')} done in {_num(e.get('seconds'), '.1f')} s")
 
     def _end(self, e: dict) -> None:
         self.end = e
-        self._say(e, f"end: {e.get('status')}" + (f": {e['message']}" if e.get("message") else ""))
+
+    def _nothing(self, e: dict) -> None:
+        """Events that only make a log line (events.describe)."""
 
     HANDLERS = {
         "run_start": _run_start, "stage_start": _stage_start, "phase_start": _phase_start,
         "progress": _progress, "groundtruth": _groundtruth, "evaluate": _activity,
         "groundtruth_step": _activity, "search": _search, "plan": _plan, "results": _results,
-        "pool": _pool, "rank": _rank, "noise_ceiling": _noise_ceiling, "kd_teacher": _kd_teacher,
-        "checkpoint": _checkpoint, "warning": _warning, "phase_end": _phase_end,
+        "pool": _pool, "rank": _rank, "noise_ceiling": _noise_ceiling, "kd_teacher": _nothing,
+        "checkpoint": _nothing, "warning": _nothing, "phase_end": _nothing,
         "stage_end": _stage_end, "end": _end,
     }
 
-    def step_counts(self) -> tuple[float, float | None]:
-        """(done, total) for the progress bar; total None while nothing is planned yet. While a
-        stand-alone net trains, its own steps."""
-        if self.activity.get("event") == "groundtruth_step":
-            done, total = self.activity.get("step"), self.activity.get("steps")
-        elif self.activity:
-            done, total = self.activity.get("done"), self.activity.get("total")
+    def in_ground_truth(self) -> bool:
+        return self.activity.get("event") in GROUND_TRUTH_EVENTS
+
+
+def step_counts(s: RunState) -> tuple[float, float | None]:
+    """(done, total) for the progress bar; total None while nothing is planned yet. While a
+    stand-alone net trains, its own steps."""
+    if s.activity.get("event") == "groundtruth_step":
+        done, total = s.activity.get("step"), s.activity.get("steps")
+    elif s.activity:
+        done, total = s.activity.get("done"), s.activity.get("total")
+    else:
+        done = s.progress.get("step")
+        total = s.progress.get("steps") or s.phase.get("steps")
+    return (done if _finite(done) else 0), (total if _finite(total) and total > 0 else None)
+
+
+def gt_eta(s: RunState) -> float | None:
+    """Seconds until the ground truth is done: nets left at the mean measured time."""
+    timed = [r["seconds"] for r in s.gt_rows if _finite(r.get("seconds"))]
+    if not s.in_ground_truth() or not timed:
+        return None
+    done = s.activity.get("done") if _finite(s.activity.get("done")) else 0
+    total = s.activity.get("total") if _finite(s.activity.get("total")) else 0
+    return max(0, total - done) * sum(timed) / len(timed)
+
+
+def eta(s: RunState) -> float | None:
+    """Seconds left of the ground truth (`gt_eta`) and of training: every phase's remaining
+    steps at its measured seconds per step. A phase not begun yet takes the seconds per path
+    of its stage's latest measured phase, else of the latest measured phase, times its own
+    paths per step (k). None while nothing is measured, and during evaluation and search,
+    whose length the log does not plan."""
+    if s.end:
+        return 0.0
+    if s.activity and not s.in_ground_truth():
+        return None
+    left = gt_eta(s) or 0.0
+    current = s.phase.get("index") if _finite(s.phase.get("index")) else 0
+    step = s.progress.get("step") if _finite(s.progress.get("step")) else 0
+    per_path: dict = {}
+    latest = None
+    for i, p in enumerate(s.plan, 1):
+        k = p.get("k") if _finite(p.get("k")) and p.get("k") > 0 else 1
+        measured = s.rates.get(p.get("phase"))
+        if measured is not None:
+            per_path[p.get("stage")] = latest = measured / k
+        if i < current or not _finite(p.get("steps")):
+            continue
+        rate = per_path.get(p.get("stage"), latest)
+        if rate is None:
+            return None
+        left += (p["steps"] - (step if i == current else 0)) * rate * k
+    return left if s.plan or gt_eta(s) is not None else None
+
+
+def timeline(s: RunState) -> list[tuple[str, str, float | None]]:
+    """(stage, done | running | waiting, seconds if done) along the run."""
+    out = []
+    if s.gt_rows or s.in_ground_truth():
+        out.append(("ground truth", "running" if s.in_ground_truth() else "done", None))
+    for stage in dict.fromkeys(str(p.get("stage")) for p in s.plan):
+        if stage in s.stage_seconds:
+            out.append((stage, "done", s.stage_seconds[stage]))
         else:
-            done = self.progress.get("step")
-            total = self.progress.get("steps") or self.phase.get("steps")
-        return (done if _finite(done) else 0), (total if _finite(total) and total > 0 else None)
-
-    def gt_eta(self) -> float | None:
-        """Seconds until the ground truth is done: nets left at the mean measured time."""
-        timed = [r["seconds"] for r in self.gt_rows if _finite(r.get("seconds"))]
-        if self.activity.get("event") not in ("groundtruth", "groundtruth_step") or not timed:
-            return None
-        done = self.activity.get("done") if _finite(self.activity.get("done")) else 0
-        total = self.activity.get("total") if _finite(self.activity.get("total")) else 0
-        return max(0, total - done) * sum(timed) / len(timed)
-
-    def eta(self) -> float | None:
-        """Seconds left of the ground truth (`gt_eta`) and of training: every phase's remaining
-        steps at its measured seconds per step. A phase not begun yet takes the seconds per
-        path of its stage's latest measured phase, else of the latest measured phase, times
-        its own paths per step (k). None while nothing is measured, and during evaluation and
-        search, whose length the log does not plan."""
-        if self.end:
-            return 0.0
-        in_gt = self.activity.get("event") in ("groundtruth", "groundtruth_step")
-        if self.activity and not in_gt:
-            return None
-        left = self.gt_eta() or 0.0
-        current = self.phase.get("index") if _finite(self.phase.get("index")) else 0
-        step = self.progress.get("step") if _finite(self.progress.get("step")) else 0
-        per_path: dict = {}
-        latest = None
-        for i, p in enumerate(self.plan, 1):
-            k = p.get("k") if _finite(p.get("k")) and p.get("k") > 0 else 1
-            measured = self.rates.get(p.get("phase"))
-            if measured is not None:
-                per_path[p.get("stage")] = latest = measured / k
-            if i < current or not _finite(p.get("steps")):
-                continue
-            rate = per_path.get(p.get("stage"), latest)
-            if rate is None:
-                return None
-            left += (p["steps"] - (step if i == current else 0)) * rate * k
-        return left if self.plan or self.gt_eta() is not None else None
-
-    def timeline(self) -> list[tuple[str, str, float | None]]:
-        """(stage, done | running | waiting, seconds if done) along the run."""
-        out = []
-        in_gt = self.activity.get("event") in ("groundtruth", "groundtruth_step")
-        if self.gt_rows or in_gt:
-            out.append(("ground truth", "running" if in_gt else "done", None))
-        for stage in dict.fromkeys(str(p.get("stage")) for p in self.plan):
-            if stage in self.stage_seconds:
-                out.append((stage, "done", self.stage_seconds[stage]))
-            else:
-                out.append((stage, "running" if stage == self.stage else "waiting", None))
-        return out
+            out.append((stage, "running" if stage == s.stage else "waiting", None))
+    return out
 
 
 def phase_text(s: RunState) -> str:
@@ -347,7 +304,7 @@ def phase_text(s: RunState) -> str:
     sub = f"  sub-supernet {p['sub']}" if p.get("sub") is not None else ""
     lines = [f"stage {s.stage or '-'}  phase {s.phase_name or '-'}{of}",
              f"k {p.get('k', '-')}{sub}" if p else "",
-             *s.space,
+             *format_space(p.get("space")),
              f"step {q.get('step', 0)}/{q.get('steps') or p.get('steps', '-')}  "
              f"epoch {_num(q.get('epoch'), '.2f')}",
              f"loss {_num(q.get('loss'), '.4f')}  lr {_num(q.get('lr', p.get('lr')), '.2e')}",
@@ -401,14 +358,15 @@ def timeline_text(s: RunState) -> str:
     """Every stage of the run: done (with its time), running or waiting; and the ETA."""
     marks = {"done": "✓", "running": "▶", "waiting": "·"}
     parts = [f"{marks[status]} {stage}" + (f" {_ago(seconds)}" if seconds is not None else "")
-             for stage, status, seconds in s.timeline()]
-    eta, gt_eta = s.eta(), s.gt_eta()
+             for stage, status, seconds in timeline(s)]
+    left, gt_left = eta(s), gt_eta(s)
     if s.end:
         parts.append("done")
-    elif eta is not None:
-        parts.append(f"ETA {_ago(eta)}")
+    elif left is not None:
+        parts.append(f"ETA {_ago(left)}")
     else:
-        parts.append(f"ETA of the ground truth {_ago(gt_eta)}" if gt_eta is not None else "ETA -")
+        parts.append(f"ETA of the ground truth {_ago(gt_left)}" if gt_left is not None
+                     else "ETA -")
     return "  ".join(parts)
 
 
@@ -447,6 +405,50 @@ class RankScatter(PlotextPlot):
         self.refresh()
 
 
+class TrainerControl:
+    """The training subprocess a UI owns: `q` once asks, `q` again within CONFIRM_SECONDS sends
+    SIGINT (the trainer saves a checkpoint and writes an `end` event), and the UI waits for it
+    to exit. None of this applies to a UI that only watches a run (`process` None)."""
+
+    def __init__(self, process: subprocess.Popen | None):
+        self.process = process
+        self.confirm_until = 0.0
+        self.stopping = False
+
+    def running(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def press_q(self) -> str:
+        """What a press of q does: 'quit' (nothing to stop), 'confirm' (ask once more), 'stop'
+        (SIGINT sent) or 'wait' (already stopping)."""
+        if not self.running():
+            return "quit"
+        if self.stopping:
+            return "wait"
+        if time.monotonic() < self.confirm_until:
+            self.stopping = True
+            self.process.send_signal(signal.SIGINT)
+            return "stop"
+        self.confirm_until = time.monotonic() + CONFIRM_SECONDS
+        return "confirm"
+
+    def stopped(self) -> bool:
+        """Whether a stop was asked for and the trainer has exited since."""
+        return self.stopping and not self.running()
+
+    def status(self, word: str, ended: bool) -> str:
+        """The status line's word for the trainer's side of things; `word` is the log's."""
+        p = self.process
+        if self.stopping:
+            return "stopping: waiting for the checkpoint and the trainer to exit"
+        if p.poll() is not None:
+            return (f"training {word}" if ended
+                    else f"training exited with code {p.returncode}") + ": press q to quit"
+        if time.monotonic() < self.confirm_until:
+            return CONFIRM_TEXT
+        return word
+
+
 class NasApp(App):
     CSS = """
     #status { height: 1; padding: 0 1; background: $primary; color: $text;
@@ -468,11 +470,10 @@ class NasApp(App):
     def __init__(self, run_dir: Path, process: subprocess.Popen | None = None):
         super().__init__()
         self.run_dir = Path(run_dir)
-        self.trainer = process
+        self.trainer = TrainerControl(process)
         self.tail = EventTail(self.run_dir / "events.jsonl")
         self.state = RunState(self.run_dir.name)
-        self.confirm_until = 0.0
-        self.stopping = False
+        self.drawn: dict = {}  # what each table and the scatter show now, to redraw on change
 
     def compose(self) -> ComposeResult:
         yield Static(id="status", markup=False)
@@ -512,52 +513,60 @@ class NasApp(App):
 
     def _tick(self) -> None:
         self.poll_log()
-        if self.stopping and self.trainer.poll() is not None:
+        if self.trainer.stopped():
             self.exit()
 
     def poll_log(self) -> None:
-        """Read what the trainer appended since the last poll and redraw."""
+        """Fold what the trainer appended since the last poll into the state, log a line for
+        each event that is one (events.describe), and redraw."""
+        lines = []
         for event in self.tail.read():
             self.state.apply(event)
+            line = describe(event)
+            if line:
+                lines.append(f"{_clock(event.get('time'))} {line}")
+        if lines:
+            self.query_one("#log", Log).write_lines(lines)
         self._refresh_view()
+
+    def _changed(self, what: str, value) -> bool:
+        """Whether `what` shows something else than `value` now; remembers `value`."""
+        if self.drawn.get(what) == value:
+            return False
+        self.drawn[what] = value
+        return True
 
     def _refresh_view(self) -> None:
         s = self.state
         self.query_one("#status", Static).update(self._status_text())
         self.query_one("#phase", Static).update(phase_text(s))
-        done, total = s.step_counts()
+        done, total = step_counts(s)
         self.query_one("#progress", ProgressBar).update(total=total, progress=done)
         self.query_one("#pool", Static).update(pool_text(s.pool))
         self.query_one("#pool-spark", Sparkline).data = list(s.pool_means)
         self.query_one("#rank", Static).update(rank_text(s.rank, s.ceiling))
         self.query_one("#timeline", Static).update(timeline_text(s))
-        if s.points_changed:
-            scatter = self.query_one("#scatter", RankScatter)
-            if s.activity.get("event") == "search" and not s.results:
-                scatter.show(s.front, "search front: GFLOPs (x), top-1 (y)")
-            else:  # the rank text above says what the axes are
-                scatter.show(s.points, "")
-            s.points_changed = False
-        if s.gt_changed:
+        searching = s.activity.get("event") == "search" and not s.results
+        points = s.front if searching else s.points  # the run's own once the results are in
+        if self._changed("scatter", (searching, points)):
+            title = "search front: GFLOPs (x), top-1 (y)" if searching else ""
+            self.query_one("#scatter", RankScatter).show(points, title)
+        if self._changed("gt", [gt_row(r) for r in s.gt_rows]):
             table = self.query_one("#gt-table", DataTable)
             table.clear()
-            table.add_rows(gt_row(r) for r in s.gt_rows)
+            table.add_rows(self.drawn["gt"])
             table.move_cursor(row=len(s.gt_rows) - 1)  # the newest net in view
-            s.gt_changed = False
         self._show_big_panel()
-        if s.pool_changed:
-            archs = s.pool.get("archs")
-            self._fill_pool_table(archs if isinstance(archs, list) else [])
-            s.pool_changed = False
-        if s.new_log_lines:
-            self.query_one("#log", Log).write_lines(s.new_log_lines)
-            s.new_log_lines = []
+        archs = s.pool.get("archs")
+        if self._changed("pool", archs if isinstance(archs, list) else []):
+            table = self.query_one("#pool-members", DataTable)
+            table.clear()
+            table.add_rows((i, str(arch)) for i, arch in enumerate(self.drawn["pool"], 1))
 
     def _show_big_panel(self) -> None:
         """The results once there are some, the ground truth while it trains, else the pool."""
         s = self.state
-        in_gt = s.activity.get("event") in ("groundtruth", "groundtruth_step")
-        shown = "final" if s.results else "gt" if in_gt else "pool"
+        shown = "final" if s.results else "gt" if s.in_ground_truth() else "pool"
         for name in ("final", "gt", "pool"):
             self.query_one(f"#{name}-panel").display = name == shown
         if s.results and not self.query_one("#final-table", DataTable).row_count:
@@ -572,46 +581,32 @@ class NasApp(App):
                 table.add_row(label, *(final_cells(m, k) for k in ("kendall", "pearson",
                                                                    "spearman")), str(m.get("n")))
 
-    def _fill_pool_table(self, archs: list) -> None:
-        table = self.query_one("#pool-members", DataTable)
-        table.clear()
-        table.add_rows((i, str(arch)) for i, arch in enumerate(archs, 1))
-
     def _status_text(self) -> str:
         s = self.state
         where = " │ ".join(str(x) for x in (s.name, s.stage, s.phase_name) if x)
         return f"{where} │ {self._status_word()}"
 
     def _status_word(self) -> str:
-        s, p = self.state, self.trainer
+        s = self.state
         status = str(s.end.get("status")) if s.end else "running"
         word = (END_WORDS.get(status, status) if s.last_time is not None
                 else "waiting for events.jsonl")
-        if p is None:
+        if self.trainer.process is None:
             quiet = time.time() - (s.last_time or time.time())
             word += f", last event {_ago(quiet)} ago" if not s.end and quiet > QUIET_SECONDS else ""
-        elif self.stopping:
-            word = "stopping: waiting for the checkpoint and the trainer to exit"
-        elif p.poll() is not None:
-            word = f"training {word}" if s.end else f"training exited with code {p.returncode}"
-            word += ": press q to quit"
-        elif time.monotonic() < self.confirm_until:
-            word = CONFIRM_TEXT
+        else:
+            word = self.trainer.status(word, s.end is not None)
         if self.tail.bad_lines:  # harmless (e.g. a line cut by a crash), but worth a count
             word += f" ({self.tail.bad_lines} unreadable lines skipped)"
         return word
 
     def action_quit_or_stop(self) -> None:
-        p = self.trainer
-        if p is None or p.poll() is not None:
+        answer = self.trainer.press_q()
+        if answer == "quit":
             self.exit()
-        elif self.stopping:
+        elif answer == "wait":
             self.notify("still waiting for the trainer to save and exit (ctrl+q leaves it running)")
-        elif time.monotonic() < self.confirm_until:
-            self.stopping = True
-            p.send_signal(signal.SIGINT)
-        else:
-            self.confirm_until = time.monotonic() + CONFIRM_SECONDS
+        elif answer == "confirm":
             self.notify(CONFIRM_TEXT)
         self.query_one("#status", Static).update(self._status_text())
 

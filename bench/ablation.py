@@ -31,8 +31,12 @@ import typer
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 import evaluate  # noqa: E402
+import events  # noqa: E402
+import groundtruth  # noqa: E402
+import presets  # noqa: E402
+import report  # noqa: E402
 import supernet  # noqa: E402
-import train_stages  # noqa: E402
+import trainer  # noqa: E402
 from data import DataError, load_data  # noqa: E402
 
 APS = ("warmup", "aps_depth", "aps_width")
@@ -56,27 +60,27 @@ PAPER_PEARSON = {"PS": 0.79884, "APS_v2": 0.80141, "APS_v3": 0.80263, "APS_v3+CP
                  "+SSE4": 0.82166, "+SSE34": 0.83768, "+SSE34+Dis": 0.84652}
 
 
-def train_variant(name: str, preset: train_stages.Preset, data, device: str, folder: Path, log,
+def train_variant(name: str, preset: presets.Preset, data, device: str, folder: Path, log,
                   seed: int) -> tuple:
     """The variant's trained state and its whole training time; what is done is never redone:
     a finished variant is loaded, an interrupted one resumed from its last checkpoint."""
     stages, aps, kd, parent = {**BASES, **VARIANTS}[name]
-    st = train_stages.new_state(preset, stages, seed, device, aps, kd)
+    st = trainer.new_state(preset, stages, seed, device, aps, kd)
     final = folder / "checkpoints" / f"{name}.pt"
     run_dir = folder / name
     if final.exists() and final.with_suffix(".json").exists():  # the json is written last
-        train_stages.load_checkpoint(st, final)
+        trainer.load_checkpoint(st, final)
         return st, json.loads(final.with_suffix(".json").read_text())["seconds"]
     seconds = train_variant(parent, preset, data, device, folder, log, seed)[1] if parent else 0.0
-    if train_stages.last_checkpoint(run_dir).exists():
-        train_stages.load_checkpoint(st, train_stages.last_checkpoint(run_dir))
+    if trainer.last_checkpoint(run_dir).exists():
+        trainer.load_checkpoint(st, trainer.last_checkpoint(run_dir))
     elif parent:
-        train_stages.load_checkpoint(st, folder / "checkpoints" / f"{parent}.pt", extend=True)
+        trainer.load_checkpoint(st, folder / "checkpoints" / f"{parent}.pt", extend=True)
     t = time.perf_counter()
-    train_stages.train(st, data, run_dir, log, score=evaluate.make_scorer(preset, data))
+    trainer.train(st, data, run_dir, log, score=evaluate.make_scorer(preset, data))
     seconds += time.perf_counter() - t
-    train_stages.save_checkpoint(st, final)
-    evaluate.write_json_atomic(final.with_suffix(".json"), {"seconds": seconds})  # done: last
+    trainer.save_checkpoint(st, final)
+    presets.write_json_atomic(final.with_suffix(".json"), {"seconds": seconds})  # done: last
     return st, seconds
 
 
@@ -128,9 +132,9 @@ def paired_differences(rows: list[dict], truth: dict, preset) -> dict:
     y = list(truth.values())
     full = [accs[FULL][c] for c in truth]
     flops = [supernet.size_of(supernet.decode(c), preset.shape)[0] for c in truth]
-    out = {"FLOPs": evaluate.paired_difference(full, flops, y)}
+    out = {"FLOPs": report.paired_difference(full, flops, y)}
     if "SPOS" in accs:
-        out["SPOS"] = evaluate.paired_difference(full, [accs["SPOS"][c] for c in truth], y)
+        out["SPOS"] = report.paired_difference(full, [accs["SPOS"][c] for c in truth], y)
     return out
 
 
@@ -141,7 +145,7 @@ def differences_table(differences: dict) -> str:
              "| baseline | pearson | kendall | spearman |", "|---|---|---|---|"]
     for name, d in differences.items():
         lines.append(f"| {name} | "
-                     + " | ".join(evaluate.format_metric(d, k) for k in evaluate.METRICS) + " |")
+                     + " | ".join(report.format_metric(d, k) for k in report.METRICS) + " |")
     return "\n".join(lines)
 
 
@@ -150,72 +154,67 @@ def table(rows: list[dict], ceiling: dict | None) -> str:
              "|---|---|---|---|---|---|---|"]
     for r in rows:
         m = r["metrics"]
-        cells = [evaluate.format_metric(m, k) for k in evaluate.METRICS]
+        cells = [report.format_metric(m, k) for k in report.METRICS]
         seconds = f"{r['seconds']:.0f}" if r["seconds"] is not None else "none"
         paper = f"{PAPER_PEARSON[r['variant']]:.5f}" if r["variant"] in PAPER_PEARSON else ""
         lines.append(f"| {r['variant']} | {' | '.join(cells)} | {m['n']} | {seconds} | {paper} |")
     if ceiling:
         for label, m in (("seed 0 vs seed 1 (R)", ceiling["seed_vs_seed"]),
                          ("ceiling against the 2-seed mean", ceiling["ceiling"])):
-            cells = " | ".join(evaluate.format_metric(m, k) for k in evaluate.METRICS)
+            cells = " | ".join(report.format_metric(m, k) for k in report.METRICS)
             lines.append(f"| {label} | {cells} | {m['n']} | | |")
     return "\n".join(lines)
 
 
-def echo(log: train_stages.EventLog):
-    """The event log, with a line on the terminal for each phase end, rank probe and warning."""
+def echo(log: events.EventLog):
+    """The event log, with events.describe's line on the terminal for each phase end, warning
+    and stand-alone net."""
     def log_and_echo(event: str, **f):
         record = log(event, **f)
-        if event == "phase_end":
-            typer.echo(f"  {f['phase']:<20} loss {f['loss'] or float('nan'):.4f}  "
-                       f"{f['seconds']:.1f} s")
-        elif event == "warning":
-            typer.echo(f"  warning: {f['message']}", err=True)
-        elif event == "groundtruth":
-            typer.echo(f"  ground truth {f['done']}/{f['total']}: {f['acc']:.4f} "
-                       f"(seed {f['seed']})")
+        if event in ("phase_end", "warning", "groundtruth"):
+            typer.echo(f"  {events.describe(record)}", err=event == "warning")
         return record
     return log_and_echo
 
 
-def main(preset: str = typer.Option("cifar", help=", ".join(train_stages.PRESETS)),
+def main(preset: str = typer.Option("cifar", help=", ".join(presets.PRESETS)),
          variants: str = typer.Option(",".join(VARIANTS), help="comma-separated variants to run"),
          gt_n: int = typer.Option(None, min=3,
                                   help="ground-truth archs (default: the preset's)"),
          seed: int = 0, device: str = "auto", data_dir: Path = typer.Option(None),
          runs: Path = typer.Option(ROOT / "runs", help="where the ablation's run folder goes"),
          out: Path = typer.Option(ROOT / "bench" / "results", help="where the table goes")):
-    if preset not in train_stages.PRESETS:
+    if preset not in presets.PRESETS:
         raise typer.BadParameter(f"unknown preset {preset!r}; presets are "
-                                 f"{', '.join(train_stages.PRESETS)}")
-    p = train_stages.PRESETS[preset]
+                                 f"{', '.join(presets.PRESETS)}")
+    p = presets.PRESETS[preset]
     chosen = [v.strip() for v in variants.split(",") if v.strip()]
     unknown = [v for v in chosen if v not in VARIANTS]
     if unknown:
         raise typer.BadParameter(f"unknown variant {unknown[0]!r}; variants are "
                                  f"{', '.join(VARIANTS)}")
     try:
-        device = train_stages.pick_device(device)
-        train_stages.set_threads(p)
+        device = presets.pick_device(device)
+        presets.set_threads(p)
         data = load_data(p, device, data_dir)
     except (ValueError, DataError) as e:
         raise typer.BadParameter(str(e))
     folder = runs / f"ablation-{p.name}"
     (folder / "checkpoints").mkdir(parents=True, exist_ok=True)
-    log = echo(train_stages.EventLog(folder / "events.jsonl"))
+    log = echo(events.EventLog(folder / "events.jsonl"))
     n = gt_n or p.gt_n
-    truth, ceiling = evaluate.build_ground_truth(folder, p, data, log, n, p.gt_seeds, seed)
+    truth, ceiling = groundtruth.build_ground_truth(folder, p, data, log, n, p.gt_seeds, seed)
     archs, y = [supernet.decode(c) for c in truth], list(truth.values())
-    floors = evaluate.size_floors(truth, p)
+    floors = report.size_floors(truth, p)
     rows = [{"variant": "FLOPs", "metrics": floors["flops"], "seconds": None},
             {"variant": "params", "metrics": floors["params"], "seconds": None}]
     for name in chosen:
         st, seconds = train_variant(name, p, data, device, folder, log, seed)
         accs = evaluate.evaluate_run(st, data, archs, log)
-        rows.append({"variant": name, "metrics": evaluate.rank_metrics([accs[c] for c in truth], y),
+        rows.append({"variant": name, "metrics": report.rank_metrics([accs[c] for c in truth], y),
                      "seconds": seconds, "stages": list(st.stages), "aps": st.aps, "kd": st.kd,
                      "accs": accs})
-        typer.echo(f"{name:30} kendall {evaluate.format_metric(rows[-1]['metrics'], 'kendall')}  "
+        typer.echo(f"{name:30} kendall {report.format_metric(rows[-1]['metrics'], 'kendall')}  "
                    f"{seconds:.0f} s")
     machine = evaluate.machine_name(device)
     differences = paired_differences(rows, truth, p)
@@ -225,7 +224,7 @@ def main(preset: str = typer.Option("cifar", help=", ".join(train_stages.PRESETS
     typer.echo("\n" + md)
     out.mkdir(parents=True, exist_ok=True)
     stem = out / f"ablation-{p.name}-{device}"
-    evaluate.write_json_atomic(stem.with_suffix(".json"), {
+    presets.write_json_atomic(stem.with_suffix(".json"), {
         "date": date.today().isoformat(), "device": machine, "preset": p.name, "dataset": p.dataset,
         "seed": seed, "ground_truth": truth, "noise_ceiling": ceiling, "targets": verdicts,
         "rows": rows, "differences": differences})

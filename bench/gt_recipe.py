@@ -1,16 +1,24 @@
 """How much signal a stand-alone ground truth has, as a function of its training budget.
 
     python bench/gt_recipe.py --preset small --budgets 0.5,1,2 --archs 24
+    python bench/gt_recipe.py --preset small --train-subset 0 --budgets 12 --archs 12 --spread
 
 Trains the same archs with two seeds at each budget (epochs of the preset's training set, the
 rest of the preset's recipe unchanged; `--train-subset` and `--label-smoothing` override those
 two settings) and reports, per budget: seed-vs-seed Pearson, Kendall
 and Spearman with 95% intervals; the ceiling they imply for any predictor against the 2-seed
-mean (evaluate.ceiling_of); Kendall tau of FLOPs against that mean (positive: the ground truth
-ranks capacity, not speed of training); the spread of accuracies; the seconds per net.
+mean (report.spearman_brown_ceiling); Kendall tau of FLOPs against that mean (positive: the ground truth
+ranks capacity, not speed of training); the spread of accuracies; the seconds per net. Each
+of these for three readings of every net (`evaluate.heldout_metrics`): top-1 and held-out
+cross-entropy of the EMA weights, and top-1 with flip averaging; the headline metric is the
+reading the seeds agree on most, chosen here on the recipe archs, never on the headline ones.
 
 The archs are sampled uniformly from the challenge space with their own seed (`--arch-seed`,
 never the headline archs' seed 0), so a recipe is never chosen on the archs it is judged on.
+`--spread` takes them across the FLOPs range instead (the 2 smallest, the 2 largest and the
+rest evenly between, of 20 times as many uniform draws): a pilot of few nets then shows
+whether the recipe ranks capacity. Its agreement is inflated by that spread, so each row
+also projects the seed-vs-seed Kendall onto 40 uniform archs (`projected_kendall`).
 Every net lands in the committed bench/results/groundtruth.json as it finishes (its recipe
 hash keeps budgets apart): a killed run goes on where it stopped, and a rerun only reads.
 Writes bench/results/gt-recipe-<preset>[-ls<x>][-sub<n>][-archseed<s>].json and .md.
@@ -22,34 +30,87 @@ from dataclasses import replace
 from datetime import date
 from pathlib import Path
 
+import numpy as np
 import torch
 import typer
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-import evaluate  # noqa: E402
+import groundtruth  # noqa: E402
+import presets  # noqa: E402
+import report  # noqa: E402
 import supernet  # noqa: E402
-import train_stages  # noqa: E402
 from data import DataError, load_data  # noqa: E402
 
 
-def budget_row(preset, archs, gt: evaluate.GroundTruth, data, log) -> dict:
-    """Train what is missing of `archs` x seeds 0, 1 at this recipe; the row of the table."""
+READINGS = {"acc": "top-1 (EMA)", "ce": "cross-entropy (EMA)", "acc_flip": "top-1, flip-averaged"}
+PROJECTED_N = 40
+
+
+def spread_archs(n: int, seed: int, preset) -> list[supernet.Arch]:
+    """n archs across the FLOPs range of 20 n uniform draws: the 2 smallest, the 2 largest,
+    and n - 4 evenly spaced between them by FLOPs rank."""
+    pool = groundtruth.pick_archs(20 * n, seed, preset)
+    pool.sort(key=lambda a: supernet.size_of(a, preset.shape)[0])
+    inner = np.linspace(2, len(pool) - 3, n - 2).round().astype(int)[1:-1]
+    return [pool[0], pool[1], *(pool[i] for i in inner), pool[-2], pool[-1]]
+
+
+def projected_kendall(seed0, seed1, flops, uniform_flops) -> float:
+    """Seed-vs-seed Kendall expected on uniform archs, from nets spread across the FLOPs range.
+
+    Our reading of "projected": each net's score is true value + seed noise. The noise variance
+    is half the mean squared seed difference. The true values are split into a part linear in
+    log FLOPs (its slope fitted on the 2-seed means) and a residual, whose variance is what the
+    means' residual variance has beyond their own noise (half the seed noise). A uniform sample
+    has its own, narrower, spread of log FLOPs (`uniform_flops`); its true variance is
+    slope^2 x that spread + the residual. The seed-vs-seed Pearson R is then true / (true +
+    noise), and Kendall 2/pi asin(R) (the normal-copula relation `report.spearman_brown_ceiling` uses).
+    """
+    a, b = np.asarray(seed0, float), np.asarray(seed1, float)
+    x, mean = np.log(np.asarray(flops, float)), (a + b) / 2
+    noise = np.mean((a - b) ** 2) / 2
+    slope, intercept = np.polyfit(x, mean, 1)
+    residual = max(0.0, np.var(mean - (slope * x + intercept), ddof=2) - noise / 2)
+    true = slope ** 2 * np.var(np.log(uniform_flops), ddof=1) + residual
+    return float(2 / np.pi * np.arcsin(true / (true + noise))) if true + noise > 0 else 0.0
+
+
+def reading_row(codes, entries, reading: str, flops, uniform_flops) -> dict:
+    """Seed-vs-seed agreement, its ceiling, FLOPs against the mean, for one reading; cross-
+    entropy enters negated, so that for every reading higher is better."""
+    sign = -1 if reading == "ce" else 1
+    scores = [[sign * e[reading] for e in seed] for seed in entries]
+    per_seed = [dict(zip(codes, s)) for s in scores]
+    mean = [(x + y) / 2 for x, y in zip(*scores)]
+    ceiling = report.noise_ceiling(per_seed)
+    return {"seed_vs_seed": ceiling["seed_vs_seed"], "ceiling": ceiling["ceiling"],
+            "flops_vs_mean": report.rank_metrics(flops, mean),
+            "projected_kendall": projected_kendall(*scores, flops, uniform_flops),
+            "seed0": scores[0], "seed1": scores[1]}
+
+
+def budget_row(preset, archs, gt: groundtruth.GroundTruth, data, log, uniform_flops) -> dict:
+    """Train what is missing of `archs` x seeds 0, 1 at this recipe; the row of the table,
+    with every reading the nets have (nets trained before the readings have top-1 only)."""
     def say(event: str, **f):
         if event == "groundtruth" and f["seed"] == 1:
             log(f"  {preset.gt_epochs:g} epochs  arch {f['done'] // 2}/{len(archs)}  "
                 f"{f['acc']:.4f} (seed 1)")
 
-    truth, ceiling = evaluate.ground_truth(gt, archs, 2, preset, data, say)
-    key = evaluate.recipe(preset, data.device)
+    truth, ceiling = groundtruth.ground_truth(gt, archs, 2, preset, data, say)
+    key = groundtruth.recipe_key(preset, data.device)
     codes = [supernet.encode(a) for a in archs]
     entries = [[gt.entries[gt.key(c, preset.dataset, key, seed)] for c in codes] for seed in (0, 1)]
     accs = [[e["acc"] for e in seed] for seed in entries]
     mean = list(truth.values())
     flops = [supernet.size_of(a, preset.shape)[0] for a in archs]
+    readings = [r for r in READINGS if all(r in e for seed in entries for e in seed)]
     return {"epochs": preset.gt_epochs, "recipe": key, "n": len(archs),
+            "readings": {r: reading_row(codes, entries, r, flops, uniform_flops)
+                         for r in readings},
             "seed_vs_seed": ceiling["seed_vs_seed"], "ceiling": ceiling["ceiling"],
-            "flops_vs_mean": evaluate.rank_metrics(flops, mean),
+            "flops_vs_mean": report.rank_metrics(flops, mean),
             "acc_min": min(mean), "acc_max": max(mean), "acc_sd": statistics.stdev(mean),
             "seed_diff_mean": statistics.mean(abs(a - b) for a, b in zip(*accs)),
             "seconds_per_net": statistics.mean(e["seconds"] for seed in entries for e in seed),
@@ -57,7 +118,7 @@ def budget_row(preset, archs, gt: evaluate.GroundTruth, data, log) -> dict:
 
 
 def table(rows: list[dict]) -> str:
-    fm = evaluate.format_metric
+    fm = report.format_metric
     lines = ["| epochs | seed-vs-seed kendall | seed-vs-seed pearson | seed-vs-seed spearman "
              "| ceiling kendall (2-seed mean) | FLOPs vs mean kendall | top-1 range "
              "| mean seed diff | s per net | n |", "|---|---|---|---|---|---|---|---|---|---|"]
@@ -71,22 +132,41 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def readings_table(rows: list[dict]) -> str:
+    """Per budget and reading: which reading the seeds agree on most, and whether it ranks
+    capacity (FLOPs against the mean > 0)."""
+    fm = report.format_metric
+    lines = ["| epochs | reading | seed-vs-seed kendall | seed-vs-seed pearson "
+             "| ceiling kendall | FLOPs vs mean kendall "
+             f"| seed-vs-seed kendall projected to {PROJECTED_N} uniform archs | n |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        for name, m in r.get("readings", {}).items():
+            s = m["seed_vs_seed"]
+            lines.append(f"| {r['epochs']:g} | {READINGS[name]} | {fm(s, 'kendall')} "
+                         f"| {fm(s, 'pearson')} | {fm(m['ceiling'], 'kendall')} "
+                         f"| {fm(m['flops_vs_mean'], 'kendall')} "
+                         f"| {m['projected_kendall']:.3f} | {r['n']} |")
+    return "\n".join(lines)
+
+
 def main(preset: str = typer.Option("small", help="the recipe to vary: a preset's "
                                                   "ground-truth settings"),
          budgets: str = typer.Option("0.5,1,2", help="comma-separated training epochs"),
          archs: int = typer.Option(24, min=3, help="archs, each trained with 2 seeds per budget"),
          arch_seed: int = typer.Option(1000, help="sampling seed of the archs "
                                                   "(the headline set uses 0)"),
+         spread: bool = typer.Option(False, help="archs across the FLOPs range, not uniform"),
          label_smoothing: float = typer.Option(None,
                                                help="override the preset's gt_label_smoothing"),
          train_subset: int = typer.Option(None, min=0, help="override the preset's train_subset "
                                                              "(0: all training images)"),
          device: str = "cpu", data_dir: Path = typer.Option(None),
          out: Path = ROOT / "bench" / "results"):
-    if preset not in train_stages.PRESETS:
+    if preset not in presets.PRESETS:
         raise typer.BadParameter(f"unknown preset {preset!r}; presets are "
-                                 f"{', '.join(train_stages.PRESETS)}")
-    base = train_stages.PRESETS[preset]
+                                 f"{', '.join(presets.PRESETS)}")
+    base = presets.PRESETS[preset]
     if label_smoothing is not None:
         base = replace(base, gt_label_smoothing=label_smoothing)
     if train_subset is not None:
@@ -95,30 +175,37 @@ def main(preset: str = typer.Option("small", help="the recipe to vary: a preset'
         epochs_list = [float(b) for b in budgets.split(",")]
     except ValueError:
         raise typer.BadParameter(f"--budgets {budgets!r}: comma-separated numbers of epochs")
-    train_stages.set_threads(base)
+    presets.set_threads(base)
     try:
         data = load_data(base, device, data_dir)
     except DataError as e:
         raise typer.BadParameter(str(e))
-    chosen = evaluate.pick_archs(archs, arch_seed, base)
-    gt = evaluate.GroundTruth(evaluate.SHARED_GROUND_TRUTH)
+    if spread and archs < 5:
+        raise typer.BadParameter("--spread needs at least 5 archs")
+    chosen = (spread_archs if spread else groundtruth.pick_archs)(archs, arch_seed, base)
+    uniform_flops = [supernet.size_of(a, base.shape)[0]
+                     for a in groundtruth.pick_archs(2000, arch_seed + 1, base)]
+    gt = groundtruth.GroundTruth(groundtruth.SHARED_GROUND_TRUTH)
     rows = []
     for epochs in epochs_list:
-        rows.append(budget_row(replace(base, gt_epochs=epochs), chosen, gt, data, typer.echo))
-        typer.echo(table(rows[-1:]))
-    md = table(rows)
+        rows.append(budget_row(replace(base, gt_epochs=epochs), chosen, gt, data, typer.echo,
+                               uniform_flops))
+        typer.echo(table(rows[-1:]) + "\n\n" + readings_table(rows[-1:]))
+    md = table(rows) + "\n\n" + readings_table(rows)
     typer.echo("\n" + md)
     name = (f"gt-recipe-{preset}"
             + (f"-ls{label_smoothing:g}" if label_smoothing is not None else "")
             + (f"-sub{train_subset}" if train_subset is not None else "")
-            + (f"-archseed{arch_seed}" if arch_seed != 1000 else ""))
+            + (f"-archseed{arch_seed}" if arch_seed != 1000 else "")
+            + ("-spread" if spread else ""))
     where = f"{device}, {torch.get_num_threads()} threads"
     out.mkdir(parents=True, exist_ok=True)
-    evaluate.write_json_atomic(out / f"{name}.json", {
+    presets.write_json_atomic(out / f"{name}.json", {
         "date": date.today().isoformat(), "device": where, "preset": preset, "arch_seed": arch_seed,
-        "settings": evaluate.recipe_settings(base, device), "rows": rows})
+        "settings": groundtruth.recipe_settings(base, device), "rows": rows})
     (out / f"{name}.md").write_text(f"Ground-truth signal by budget, preset {preset} ({where}), "
-                                    f"{date.today().isoformat()}, {archs} archs (seed {arch_seed}) "
+                                    f"{date.today().isoformat()}, {archs} archs (seed {arch_seed}"
+                                    f"{', spread by FLOPs' if spread else ''}) "
                                     f"x 2 seeds.\n\n"
                                     f"{md}\n")
     typer.echo(f"wrote {out / name}.json and .md")

@@ -25,6 +25,7 @@ import typer
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 import evaluate  # noqa: E402
+import presets  # noqa: E402
 
 GT_ARCH_SEED = 4242  # archs no committed ground truth holds
 
@@ -66,7 +67,7 @@ def main(preset: str = typer.Option("tiny", help="preset of both commands"),
         print(f"| {r['command']} | {r['seconds_1']:.1f} s | {r[f'seconds_{ranks}']:.1f} s "
               f"| {r['speedup']:.2f} |")
     out = ROOT / "bench" / "results" / f"parallel-{preset}-cpu.json"
-    evaluate.write_json_atomic(out, {"date": str(date.today()), "preset": preset, "ranks": ranks,
+    presets.write_json_atomic(out, {"date": str(date.today()), "preset": preset, "ranks": ranks,
                                      "threads_alone": torch.get_num_threads(),
                                      "machine": evaluate.machine_name("cpu"), "rows": rows})
     print(f"wrote {out}")

@@ -23,7 +23,8 @@ sys.path.insert(0, str(ROOT))
 import evaluate  # noqa: E402
 import search  # noqa: E402
 import supernet  # noqa: E402
-import train_stages  # noqa: E402
+import presets  # noqa: E402
+import trainer  # noqa: E402
 from data import load_data  # noqa: E402
 
 
@@ -33,9 +34,9 @@ def main(name: str = typer.Option(..., help="a trained run in runs/"),
          device: str = "cpu"):
     run_dir = ROOT / "runs" / name
     config = json.loads((run_dir / "config.json").read_text())
-    st = train_stages.state_from_config(config, device)
-    train_stages.load_checkpoint(st, train_stages.last_checkpoint(run_dir))
-    train_stages.set_threads(st.preset)
+    st = trainer.state_from_config(config, device)
+    trainer.load_checkpoint(st, trainer.last_checkpoint(run_dir))
+    presets.set_threads(st.preset)
     data = load_data(st.preset, device)
     budget = search.Budget(flops=search.parse_amount(flops, "--flops"))
     log = search.SearchLog(run_dir / "search-vs-random.jsonl", "bench", "bench")
@@ -55,7 +56,7 @@ def main(name: str = typer.Option(..., help="a trained run in runs/"),
         typer.echo(f"seed {seed}: {r['evaluated']} archs; best top-1 search "
                    f"{r['search_best']:.4f}, uniform {r['uniform_best']:.4f}")
     out = ROOT / "bench" / "results" / f"search-vs-random-{st.preset.name}.json"
-    evaluate.write_json_atomic(out, {"date": date.today().isoformat(), "run": name,
+    presets.write_json_atomic(out, {"date": date.today().isoformat(), "run": name,
                                      "budget": budget.describe(), "device": device,
                                      "machine": evaluate.machine_name(device), "rows": rows})
     typer.echo(f"wrote {out}")

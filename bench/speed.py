@@ -32,14 +32,16 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 import evaluate  # noqa: E402
 import supernet  # noqa: E402
-import train_stages  # noqa: E402
+import presets  # noqa: E402
+import stages  # noqa: E402
+import trainer  # noqa: E402
 from data import EVAL_BATCH, TensorData  # noqa: E402
 
 LR = 0.01  # small enough that random labels keep the losses finite; the value does not change speed
 
 
 def on_device(net: torch.nn.Module, dev: torch.device) -> torch.nn.Module:
-    """As training holds nets: channels_last on cuda (train_stages.new_state does the same for the
+    """As training holds nets: channels_last on cuda (trainer.new_state does the same for the
     supernet)."""
     return net.to(dev, memory_format=(torch.channels_last if dev.type == "cuda"
                                       else torch.contiguous_format))
@@ -53,31 +55,31 @@ def timed(sync, fn, *args) -> float:
     return time.perf_counter() - t
 
 
-def supernet_step(st: train_stages.TrainState, archs, x, y) -> None:
-    """What train_stages.run_phase does per step of SPOS/PS/APS, less the batch loading and
+def supernet_step(st: trainer.TrainState, archs, x, y) -> None:
+    """What trainer.run_phase does per step of SPOS/PS/APS, less the batch loading and
     logging."""
     st.optimizer.zero_grad(set_to_none=True)
-    train_stages.ce_step(st, archs, x, y)
+    stages.ce_step(st, archs, x, y)
     st.optimizer.step()
 
 
 def static_steps(nets, optimizers, x, y) -> None:
     for net, opt in zip(nets, optimizers):
         opt.zero_grad(set_to_none=True)
-        with train_stages.autocast(x.device):
+        with presets.autocast(x.device):
             loss = F.cross_entropy(net(x), y)
         loss.backward()
         opt.step()
 
 
-def training_step_times(st: train_stages.TrainState, x, y, k: int, iters: int, sets: int,
+def training_step_times(st: trainer.TrainState, x, y, k: int, iters: int, sets: int,
                         sync) -> list[dict]:
     """Per arch set: median seconds of the supernet's K-path step and of the K static steps."""
     rows = []
     for _ in range(sets):
         archs = [supernet.sample_arch(st.rng) for _ in range(k)]
         nets = [on_device(supernet.extract_subnet(st.net, a), x.device) for a in archs]
-        opts = [train_stages.make_optimizer(n.parameters(), LR) for n in nets]
+        opts = [trainer.make_optimizer(n.parameters(), LR) for n in nets]
         supernet_step(st, archs, x, y)  # warm-up: allocator, kernel choice, momentum buffers
         static_steps(nets, opts, x, y)
         t_super, t_static = [], []
@@ -91,29 +93,29 @@ def training_step_times(st: train_stages.TrainState, x, y, k: int, iters: int, s
     return rows
 
 
-def eval_throughput(st: train_stages.TrainState, data: TensorData, n_archs: int, calib_images: int,
+def eval_throughput(st: trainer.TrainState, data: TensorData, n_archs: int, calib_images: int,
                     sync) -> dict:
     bs = st.preset.calib_batch_size
     calib = data.calib_batches(math.ceil(calib_images / bs), bs, seed=0)
     evals = data.eval_batches(0, EVAL_BATCH)
     archs = [supernet.sample_arch(st.rng) for _ in range(n_archs)]
-    evaluate.evaluate_archs(st, archs[:1], calib, evals)  # warm-up
-    seconds = timed(sync, evaluate.evaluate_archs, st, archs, calib, evals)
+    evaluate.evaluate_archs(st.net, None, archs[:1], calib, evals)  # warm-up
+    seconds = timed(sync, evaluate.evaluate_archs, st.net, None, archs, calib, evals)
     return {"archs": n_archs, "seconds": seconds, "archs_per_min": 60 * n_archs / seconds}
 
 
-def max_arch_supernet_step(preset: train_stages.Preset, x, y) -> None:
-    st = train_stages.new_state(preset, ("spos",), 0, x.device)
-    st.optimizer = train_stages.make_optimizer(st.net.parameters(), LR)
+def max_arch_supernet_step(preset: presets.Preset, x, y) -> None:
+    st = trainer.new_state(preset, ("spos",), 0, x.device)
+    st.optimizer = trainer.make_optimizer(st.net.parameters(), LR)
     supernet_step(st, [supernet.MAX_ARCH], x, y)
 
 
-def max_arch_static_step(preset: train_stages.Preset, x, y) -> None:
+def max_arch_static_step(preset: presets.Preset, x, y) -> None:
     net = on_device(supernet.StaticNet(supernet.MAX_ARCH, preset.shape), x.device)
-    static_steps([net], [train_stages.make_optimizer(net.parameters(), LR)], x, y)
+    static_steps([net], [trainer.make_optimizer(net.parameters(), LR)], x, y)
 
 
-def peak_memory_mib(step, preset: train_stages.Preset, x, y) -> float:
+def peak_memory_mib(step, preset: presets.Preset, x, y) -> float:
     """Peak of building the model and one training step, above what this bench already holds
     (its own supernet and data), so the two sides are counted from the same floor."""
     gc.collect()
@@ -139,7 +141,7 @@ def time_all(preset_name: str, device: str, data_dir: Path | None) -> dict:
 def main(device: str = typer.Option("cuda" if torch.cuda.is_available() else "cpu",
                                     help="cpu or cuda"),
          preset: str = typer.Option("cifar",
-                                    help="net shape and batch size from train_stages.PRESETS: "
+                                    help="net shape and batch size from presets.PRESETS: "
                                          "tiny, cifar, fashion, paper"),
          batch: int = typer.Option(0, help="training batch (0: the preset's)"),
          k: int = typer.Option(4, help="archs per supernet training step"),
@@ -154,12 +156,12 @@ def main(device: str = typer.Option("cuda" if torch.cuda.is_available() else "cp
          seed: int = 0):
     """Training, evaluation and memory cost of the supernet versus static nets of the same archs."""
     for name in (preset, all_preset):
-        if name is not None and name not in train_stages.PRESETS:
+        if name is not None and name not in presets.PRESETS:
             raise typer.BadParameter(f"unknown preset {name!r}; presets are "
-                                     f"{', '.join(train_stages.PRESETS)}")
+                                     f"{', '.join(presets.PRESETS)}")
     if device not in ("cpu", "cuda") or (device == "cuda" and not torch.cuda.is_available()):
         raise typer.BadParameter(f"device {device!r} is not available here; use cpu or cuda")
-    p, dev = train_stages.PRESETS[preset], torch.device(device)
+    p, dev = presets.PRESETS[preset], torch.device(device)
     batch = batch or p.batch_size
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
     c, s = p.in_channels, p.image_size
@@ -169,8 +171,8 @@ def main(device: str = typer.Option("cuda" if torch.cuda.is_available() else "cp
                          torch.randint(0, p.num_classes, (eval_images,)), dev, pad=4)
     x = data.normalize(torch.randint(0, 256, (batch, c, s, s), dtype=torch.uint8, device=dev))
     y = torch.randint(0, p.num_classes, (batch,), device=dev)
-    st = train_stages.new_state(p, ("spos",), seed, dev)
-    st.optimizer = train_stages.make_optimizer(st.net.parameters(), LR)
+    st = trainer.new_state(p, ("spos",), seed, dev)
+    st.optimizer = trainer.make_optimizer(st.net.parameters(), LR)
 
     rows = training_step_times(st, x, y, k, iters, sets, sync)
     evaluation = eval_throughput(st, data, eval_archs, calib_images, sync)

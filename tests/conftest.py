@@ -8,10 +8,10 @@ CHALLENGE_JSON = ROOT.parent / "shared" / "data" / "CVPR_2022_NAS_Track1_test.js
 import pytest  # noqa: E402
 
 import data  # noqa: E402
-import train_stages  # noqa: E402
+import presets  # noqa: E402
 
 # A preset small enough for unit tests: a few steps per phase on 512 Fashion-MNIST images.
-MICRO = train_stages.Preset(
+MICRO = presets.Preset(
     "micro", "fashion-mnist", 28, 1, 10, width_mult=0.125, divisor=2, batch_size=32,
     epoch_scale=0.0125, lr_scale=10, warmup_epochs=0.125, warmup_lr=0.1, train_subset=512,
     eval_subset=256, calib_batches=2, calib_batch_size=64,
@@ -23,8 +23,8 @@ MICRO = train_stages.Preset(
 def fewer_bootstrap_resamples(monkeypatch):
     """200 resamples instead of 1000: intervals as wide, give or take, at a fifth of the time
     (the tests check how intervals are made and used, not their third decimal)."""
-    import evaluate
-    monkeypatch.setattr(evaluate, "N_BOOT", 200)
+    import report
+    monkeypatch.setattr(report, "N_BOOT", 200)
 
 
 @pytest.fixture(scope="session")

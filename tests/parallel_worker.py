@@ -21,14 +21,16 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import data  # noqa: E402
 import evaluate  # noqa: E402
+import groundtruth  # noqa: E402
 import parallel  # noqa: E402
+import stages  # noqa: E402
 import supernet  # noqa: E402
-import train_stages  # noqa: E402
+import trainer  # noqa: E402
 from conftest import MICRO  # noqa: E402
 
 STAGES = ("warmup", "aps_depth", "cpt", "sse34")
 KILL_AT = (4, 5)  # (phase index, step): CPT's sixth step, one after the checkpoint at step 4
-ARCHS = evaluate.pick_archs(4, 3, MICRO)
+ARCHS = groundtruth.pick_archs(4, 3, MICRO)
 
 
 def quiet(event, **fields):
@@ -37,15 +39,15 @@ def quiet(event, **fields):
 
 def record_archs(into: list, kill: bool):
     """train_step, noting the codes each step trains; rank 1 dies at KILL_AT when `kill`."""
-    step = train_stages.train_step
+    step = trainer.train_step
 
-    def recording(st, phase, batches, key, distiller):
+    def recording(st, phase, batches, key):
         if kill and parallel.rank() == 1 and (st.phase_index, st.step) == KILL_AT:
             os.kill(os.getpid(), signal.SIGKILL)
-        archs, losses = step(st, phase, batches, key, distiller)
+        archs, losses = step(st, phase, batches, key)
         into.append([st.phase_index, st.step, [supernet.encode(a) for a in archs]])
         return archs, losses
-    train_stages.train_step = recording
+    trainer.train_step = recording
 
 
 def step_with_fixed_bn_statistics(images, warm: dict) -> dict:
@@ -54,38 +56,39 @@ def step_with_fixed_bn_statistics(images, warm: dict) -> dict:
     image, so 2 ranks' averaged gradients are 1 rank's, up to the order of float sums. One
     step, because training is chaotic: a 3e-8 difference after one step is 3e-3 after four.
     A small lr: BN without batch statistics lets a larger one blow up."""
-    st = train_stages.new_state(MICRO, ("ps_depth",), 0, "cpu")
+    st = trainer.new_state(MICRO, ("ps_depth",), 0, "cpu")
     st.net.load_state_dict(warm)
     evaluate.calibrate_bn(st.net, supernet.MAX_ARCH, images.calib_batches(2, 64, 0))
     phase = st.phases()[0]
-    st.optimizer = train_stages.make_optimizer(train_stages.trainable(st, phase), 0.002)
+    st.optimizer = trainer.make_optimizer(stages.STAGES["ps_depth"].params(st), 0.002)
     st.net.eval()
-    train_stages.train_step(st, phase, images, 1, None)
-    parallel.average_gradients(train_stages.trainable(st, phase))
+    trainer.train_step(st, phase, images, 1)
+    parallel.average_gradients(stages.STAGES["ps_depth"].params(st))
     st.optimizer.step()
     return st.net.state_dict()
 
 
 def pinas_state(images) -> dict:
     """Π-NAS's student, mean teacher and queue after its stage's first steps."""
-    st = train_stages.new_state(replace(MICRO, queue_size=64), ("pinas",), 0, "cpu")
-    phase = st.phases()[0]
-    train_stages.begin_phase(st, phase, quiet)
+    st = trainer.new_state(replace(MICRO, queue_size=64), ("pinas",), 0, "cpu")
+    phase, stage = st.phases()[0], stages.STAGES["pinas"]
+    stage.begin(st, phase, quiet, None)
+    st.optimizer = trainer.make_optimizer(stage.params(st), phase.lr)
     for step in range(3):
         st.step = step
         st.optimizer.zero_grad(set_to_none=True)
-        archs, _ = train_stages.train_step(st, phase, images, 1, None)
-        parallel.average_gradients(train_stages.trainable(st, phase))
+        archs, _ = trainer.train_step(st, phase, images, 1)
+        parallel.average_gradients(stage.params(st))
         st.optimizer.step()
-        train_stages.after_step(st, phase, archs)
-    return {"net": st.net.state_dict(), "teacher": st.mean_teacher.state_dict(),
-            "queue": st.queue.vectors.clone()}
+        stage.after_step(st, archs)
+    return {"net": st.net.state_dict(), "teacher": st.pinas.mean_teacher.state_dict(),
+            "queue": st.pinas.queue.vectors.clone()}
 
 
-def warm_state(images, weights: Path | None, out: Path) -> train_stages.TrainState:
-    st = train_stages.new_state(MICRO, ("warmup",), 0, "cpu")
+def warm_state(images, weights: Path | None, out: Path) -> trainer.TrainState:
+    st = trainer.new_state(MICRO, ("warmup",), 0, "cpu")
     if weights is None:
-        train_stages.train(st, images, None, quiet)
+        trainer.train(st, images, None, quiet)
         torch.save(st.net.state_dict(), out / "warm.pt")
     else:
         st.net.load_state_dict(torch.load(weights))
@@ -103,16 +106,16 @@ def main(out: Path, mode: str, weights: Path | None) -> None:
         result["warm"] = st.net.state_dict()
         result["fixed_bn_step"] = step_with_fixed_bn_statistics(images, result["warm"])
         result["pinas"] = pinas_state(images)
-        gt = evaluate.GroundTruth(out / f"gt-{parallel.world_size()}.json")
-        result["truth"], _ = evaluate.ground_truth(gt, ARCHS, 2, MICRO, images, quiet)
+        gt = groundtruth.GroundTruth(out / f"gt-{parallel.world_size()}.json")
+        result["truth"], _ = groundtruth.ground_truth(gt, ARCHS, 2, MICRO, images, quiet)
         torch.save(result, out / f"first-rank{parallel.rank()}.pt")
     result["archs"] = []
     record_archs(result["archs"], kill=mode == "first")
-    st = train_stages.new_state(MICRO, STAGES, 0, "cpu")
+    st = trainer.new_state(MICRO, STAGES, 0, "cpu")
     run = out / f"run-{parallel.world_size()}"
     if mode == "resume":
-        train_stages.load_checkpoint(st, train_stages.last_checkpoint(run))
-    train_stages.train(st, images, run, quiet, score=evaluate.make_scorer(MICRO, images))
+        trainer.load_checkpoint(st, trainer.last_checkpoint(run))
+    trainer.train(st, images, run, quiet, score=evaluate.make_scorer(MICRO, images))
     result["trained"] = st.net.state_dict()
     result["finished"] = st.phase_index == len(st.phases())
     torch.save(result, out / f"{mode}-rank{parallel.rank()}.pt")

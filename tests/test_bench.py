@@ -4,7 +4,9 @@ from dataclasses import replace
 
 import pytest
 
-import train_stages
+import presets
+import supernet
+import trainer
 from conftest import MICRO, ROOT
 
 sys.path.insert(0, str(ROOT / "bench"))
@@ -21,7 +23,7 @@ def run_ablation(tmp_path, variants):
 
 
 def test_ablation_chains_variants_and_never_trains_twice(tmp_path, monkeypatch, micro_data):
-    monkeypatch.setitem(train_stages.PRESETS, "quick", QUICK)
+    monkeypatch.setitem(presets.PRESETS, "quick", QUICK)
     first = run_ablation(tmp_path, "APS_v3,APS_v3+CPT")
     rows = {r["variant"]: r for r in first["rows"]}
     assert list(rows) == ["FLOPs", "params", "APS_v3", "APS_v3+CPT"]
@@ -35,7 +37,7 @@ def test_ablation_chains_variants_and_never_trains_twice(tmp_path, monkeypatch, 
 
     def no_training(*args, **kwargs):
         raise AssertionError("a finished variant was trained again")
-    monkeypatch.setattr(train_stages, "train", no_training)
+    monkeypatch.setattr(trainer, "train", no_training)
     again = run_ablation(tmp_path, "APS_v3+CPT")
     assert again["rows"][2]["accs"] == rows["APS_v3+CPT"]["accs"]
     md = (tmp_path / "results" / "ablation-quick-cpu.md").read_text()
@@ -50,24 +52,46 @@ def test_ablation_refuses_an_unknown_variant(tmp_path):
 
 
 def test_gt_recipe_curve_reuses_every_net_it_trained(tmp_path, monkeypatch, micro_data):
-    import evaluate
+    import groundtruth
     import gt_recipe
-    monkeypatch.setitem(train_stages.PRESETS, "quick", QUICK)
-    monkeypatch.setattr(evaluate, "SHARED_GROUND_TRUTH", tmp_path / "groundtruth.json")
+    import report
+    monkeypatch.setitem(presets.PRESETS, "quick", replace(QUICK, eval_subset=64))
+    monkeypatch.setattr(groundtruth, "SHARED_GROUND_TRUTH", tmp_path / "groundtruth.json")
+    monkeypatch.setattr(report, "N_BOOT", 50)  # 16 intervals here: the test reads none of them
 
     def run():
-        gt_recipe.main(preset="quick", budgets="0.0625,0.125", archs=3, arch_seed=1000,
-                       label_smoothing=None, train_subset=None, device="cpu", data_dir=None,
-                       out=tmp_path)
-        return json.loads((tmp_path / "gt-recipe-quick.json").read_text())
+        gt_recipe.main(preset="quick", budgets="0.0625,0.125", archs=5, arch_seed=1000,
+                       spread=True, label_smoothing=None, train_subset=None, device="cpu",
+                       data_dir=None, out=tmp_path)
+        return json.loads((tmp_path / "gt-recipe-quick-spread.json").read_text())
 
     first = run()
     assert [r["epochs"] for r in first["rows"]] == [0.0625, 0.125]
-    assert all(r["n"] == 3 and len(r["acc_seed1"]) == 3 for r in first["rows"])
+    assert all(r["n"] == 5 and len(r["acc_seed1"]) == 5 for r in first["rows"])
+    flops = [supernet.size_of(supernet.decode(c), QUICK.shape)[0]
+             for c in first["rows"][0]["archs"]]
+    assert flops == sorted(flops)  # across the FLOPs range, smallest first
+    for row in first["rows"]:  # every reading of every net, cross-entropy negated
+        assert row["readings"].keys() == {"acc", "ce", "acc_flip"}
+        assert row["readings"]["acc"]["seed0"] == row["acc_seed0"]
+        assert all(v < 0 for v in row["readings"]["ce"]["seed1"])
     nets = json.loads((tmp_path / "groundtruth.json").read_text())["entries"]
-    assert len(nets) == 2 * 3 * 2  # budgets x archs x seeds, each under its own recipe key
-    monkeypatch.setattr(evaluate, "train_standalone", lambda *a, **k: pytest.fail("retrained"))
+    assert len(nets) == 2 * 5 * 2  # budgets x archs x seeds, each under its own recipe key
+    monkeypatch.setattr(groundtruth, "train_standalone", lambda *a, **k: pytest.fail("retrained"))
     assert run()["rows"] == first["rows"]
+
+
+def test_projected_agreement_is_one_without_seed_noise_and_falls_with_it():
+    import numpy as np
+    import gt_recipe
+    rng = np.random.default_rng(0)
+    flops = np.geomspace(1e6, 1e7, 12)
+    true = 0.8 + 0.02 * np.log(flops / 1e6)
+    uniform = np.geomspace(3e6, 6e6, 200)  # a narrower spread than the pilot's
+    assert gt_recipe.projected_kendall(true, true, flops, uniform) == pytest.approx(1.0)
+    noisy = [gt_recipe.projected_kendall(true + rng.normal(0, sd, 12), true + rng.normal(0, sd, 12),
+                                         flops, uniform) for sd in (0.002, 0.01, 0.05)]
+    assert 1 > noisy[0] > noisy[1] > noisy[2] >= 0
 
 
 def test_ablation_verdicts_give_the_paired_interval_and_flag_a_backwards_floor():

@@ -7,7 +7,7 @@ from typer.testing import CliRunner
 import nas
 import search
 import supernet
-import train_stages
+import presets
 
 runner = CliRunner()
 COMMANDS = ["arch", "sample", "train", "groundtruth", "evaluate", "report", "all", "tui", "search",
@@ -61,7 +61,7 @@ def test_bad_inputs_get_one_line_and_exit_2(runs, tmp_path):
 
 
 def test_an_existing_run_is_never_overwritten(runs):
-    config = train_stages.run_config(train_stages.PRESETS["tiny"], ("warmup",), 0, "v3", True)
+    config = presets.run_config(presets.PRESETS["tiny"], ("warmup",), 0, "v3", True)
     nas.open_run("r", config, False, runs)
     saved = (runs / "r" / "config.json").read_text()
     one_line_error(runner.invoke(nas.app, ["train", "--preset", "tiny", "--name", "r", "--stages",
@@ -81,7 +81,7 @@ def test_arch_json_has_the_documented_keys():
 
 def test_all_runs_the_pipeline_and_report_rewrites_its_report(runs, monkeypatch, micro_data):
     from conftest import MICRO
-    monkeypatch.setitem(train_stages.PRESETS, "micro", replace(MICRO, probe_every=0))
+    monkeypatch.setitem(presets.PRESETS, "micro", replace(MICRO, probe_every=0))
     # the stages with a teacher, a pool and sub-supernets; APS is the same loop and costs time
     result = runner.invoke(nas.app, ["all", "--preset", "micro", "--name", "m", "--device", "cpu",
                                      "--stages", "warmup,cpt,sse34"])

@@ -11,11 +11,11 @@ import torchvision
 from PIL import Image
 
 import data
-import train_stages
+import presets
 
 
 def preset(dataset, image_size=32, in_channels=3, num_classes=10, **kw):
-    return train_stages.Preset(f"test-{dataset}", dataset, image_size, in_channels, num_classes,
+    return presets.Preset(f"test-{dataset}", dataset, image_size, in_channels, num_classes,
                                width_mult=0.125, divisor=2, batch_size=16, epoch_scale=0.01,
                                lr_scale=1, warmup_epochs=0.1, warmup_lr=0.1, **kw)
 

@@ -1,4 +1,5 @@
 import json
+import math
 import random
 
 import pytest
@@ -6,8 +7,11 @@ import torch
 import torch.nn.functional as F
 
 import evaluate
+import events
+import groundtruth
+import report
 import supernet
-import train_stages
+import trainer
 from conftest import CHALLENGE_JSON, MICRO
 
 
@@ -35,24 +39,24 @@ def test_calibration_is_the_exact_mean_of_batch_statistics_in_the_arch_slice():
 
 
 def test_calibration_and_accuracy_are_deterministic(micro_data):
-    st = train_stages.new_state(MICRO, ("warmup",), 0, "cpu")
+    st = trainer.new_state(MICRO, ("warmup",), 0, "cpu")
     archs = [supernet.sample_arch(random.Random(i)) for i in range(3)]
     calib = micro_data.calib_batches(2, 32, seed=0)
     evals = micro_data.eval_batches(128, 64)
-    first = evaluate.evaluate_archs(st, archs, calib, evals)
-    second = evaluate.evaluate_archs(st, archs[::-1], calib, evals)
+    first = evaluate.evaluate_archs(st.net, None, archs, calib, evals)
+    second = evaluate.evaluate_archs(st.net, None, archs[::-1], calib, evals)
     assert first == second and len(first) == 3
 
 
 def test_rank_metrics_match_hand_computed_values():
-    m = evaluate.rank_metrics([1, 2, 3, 4], [1, 3, 2, 4], n_boot=200)
+    m = report.rank_metrics([1, 2, 3, 4], [1, 3, 2, 4], n_boot=200)
     assert m["n"] == 4
     assert m["kendall"] == pytest.approx((5 - 1) / 6)          # 5 concordant, 1 discordant pair
     assert m["spearman"] == pytest.approx(1 - 6 * 2 / (4 * 15))  # sum of squared rank differences 2
     assert m["pearson"] == pytest.approx(0.8)                     # cov 1.0 / var 1.25
     lo, hi = m["kendall_ci"]
     assert -1 <= lo <= hi <= 1
-    perfect = evaluate.rank_metrics([0.1, 0.5, 0.2, 0.9, 0.7], [1, 5, 2, 9, 7], n_boot=0)
+    perfect = report.rank_metrics([0.1, 0.5, 0.2, 0.9, 0.7], [1, 5, 2, 9, 7], n_boot=0)
     assert perfect["kendall"] == pytest.approx(1.0) and perfect["spearman"] == pytest.approx(1.0)
     assert "kendall_ci" not in perfect
 
@@ -62,12 +66,12 @@ def test_paired_difference_is_the_metric_difference_with_an_interval_around_it()
     truth = [rng.random() for _ in range(30)]
     good = [t + 0.05 * rng.random() for t in truth]
     poor = [t + 0.8 * rng.random() for t in truth]
-    d = evaluate.paired_difference(good, poor, truth, n_boot=300)
-    for name in evaluate.METRICS:
-        fn = evaluate.METRICS[name]
+    d = report.paired_difference(good, poor, truth, n_boot=300)
+    for name in report.METRICS:
+        fn = report.METRICS[name]
         assert d[name] == pytest.approx(fn(good, truth) - fn(poor, truth))
         assert 0 < d[f"{name}_ci"][0] <= d[name] <= d[f"{name}_ci"][1]
-    same = evaluate.paired_difference(good, good, truth, n_boot=100)
+    same = report.paired_difference(good, good, truth, n_boot=100)
     assert same["kendall"] == 0 and same["kendall_ci"] == [0.0, 0.0]
 
 
@@ -78,76 +82,77 @@ def test_ground_truth_cache_skips_trained_archs_and_resumes(tmp_path, monkeypatc
         calls.append((supernet.encode(arch), seed))
         if len(calls) == 3 and not resumed:
             raise KeyboardInterrupt  # killed while training the third net
-        return 0.5 + 0.01 * len(calls) + 0.001 * seed
+        return {"acc": 0.5 + 0.01 * len(calls) + 0.001 * seed}
 
-    monkeypatch.setattr(evaluate, "train_standalone", fake_train)
+    monkeypatch.setattr(groundtruth, "train_standalone", fake_train)
     archs = [supernet.sample_arch(random.Random(i)) for i in range(4)]
     codes = [supernet.encode(a) for a in archs]
-    log = train_stages.EventLog(None)
+    log = events.EventLog(None)
     resumed = False
     with pytest.raises(KeyboardInterrupt):
-        evaluate.ground_truth(evaluate.GroundTruth(tmp_path / "gt.json"), archs, 2, MICRO,
-                              micro_data, log)
+        groundtruth.ground_truth(groundtruth.GroundTruth(tmp_path / "gt.json"), archs, 2, MICRO,
+                                 micro_data, log)
     assert len(json.loads((tmp_path / "gt.json").read_text())["entries"]) == 2
     resumed = True
     calls.clear()
-    truth, ceiling = evaluate.ground_truth(evaluate.GroundTruth(tmp_path / "gt.json"), archs, 2,
-                                           MICRO, micro_data, log)
+    truth, ceiling = groundtruth.ground_truth(groundtruth.GroundTruth(tmp_path / "gt.json"),
+                                              archs, 2, MICRO, micro_data, log)
     # each arch's seeds one after the other; the first arch's two nets were kept
     assert calls == [(codes[1], 0), (codes[1], 1), (codes[2], 0), (codes[2], 1), (codes[3], 0),
                      (codes[3], 1)]
-    gt = evaluate.GroundTruth(tmp_path / "gt.json")
-    r = evaluate.recipe(MICRO, "cpu")
+    gt = groundtruth.GroundTruth(tmp_path / "gt.json")
+    r = groundtruth.recipe_key(MICRO, "cpu")
     for c in codes:  # the truth is the mean of the two seeds
         assert truth[c] == pytest.approx((gt.get(c, MICRO.dataset, r, 0)
                                           + gt.get(c, MICRO.dataset, r, 1)) / 2)
     assert ceiling["seed_vs_seed"]["n"] == 4 and ceiling["ceiling"]["n"] == 4
     calls.clear()
-    evaluate.ground_truth(evaluate.GroundTruth(tmp_path / "gt.json"), archs, 2, MICRO, micro_data,
-                          log)
+    groundtruth.ground_truth(groundtruth.GroundTruth(tmp_path / "gt.json"), archs, 2, MICRO,
+                             micro_data, log)
     assert calls == []
 
 
 def test_a_run_takes_committed_ground_truth_instead_of_training(tmp_path, monkeypatch, micro_data):
-    archs = evaluate.pick_archs(3, 0, MICRO)
-    r = evaluate.recipe(MICRO, "cpu")
-    shared = evaluate.GroundTruth(tmp_path / "shared.json")
+    archs = groundtruth.pick_archs(3, 0, MICRO)
+    r = groundtruth.recipe_key(MICRO, "cpu")
+    shared = groundtruth.GroundTruth(tmp_path / "shared.json")
     for i, a in enumerate(archs):
         for seed in (0, 1):
-            shared.put(supernet.encode(a), MICRO.dataset, r, seed, 0.6 + 0.1 * i + 0.01 * seed, 1.0)
-    monkeypatch.setattr(evaluate, "SHARED_GROUND_TRUTH", tmp_path / "shared.json")
-    monkeypatch.setattr(evaluate, "train_standalone",
+            shared.put(supernet.encode(a), MICRO.dataset, r, seed,
+                       {"acc": 0.6 + 0.1 * i + 0.01 * seed}, 1.0)
+    monkeypatch.setattr(groundtruth, "SHARED_GROUND_TRUTH", tmp_path / "shared.json")
+    monkeypatch.setattr(groundtruth, "train_standalone",
                         lambda *a: pytest.fail("trained a shared net"))
     run_dir = tmp_path / "run"
     run_dir.mkdir()
-    truth, ceiling = evaluate.build_ground_truth(run_dir, MICRO, micro_data,
-                                                 train_stages.EventLog(None), 3, 2, 0)
+    truth, ceiling = groundtruth.build_ground_truth(run_dir, MICRO, micro_data,
+                                                 events.EventLog(None), 3, 2, 0)
     assert list(truth.values()) == pytest.approx([0.605, 0.705, 0.805])
     assert ceiling["seed_vs_seed"]["kendall"] == pytest.approx(1.0)
     # the run folder holds its own copy: the shared file may go
     (tmp_path / "shared.json").unlink()
-    assert evaluate.stored_ground_truth(run_dir, MICRO, "cpu")[0] == truth
+    assert groundtruth.stored_ground_truth(run_dir, MICRO, "cpu")[0] == truth
 
 
 def test_uniform_sample_extends_and_the_stratified_one_is_wider():
-    small, large = evaluate.pick_archs(10, 5, MICRO), evaluate.pick_archs(30, 5, MICRO)
+    small, large = groundtruth.pick_archs(10, 5, MICRO), groundtruth.pick_archs(30, 5, MICRO)
     assert large[:10] == small and len(set(large)) == 30
     rng = random.Random(5)
     assert small[0] == supernet.sample_arch(rng)  # plain uniform draws, in order
     flops = lambda archs: sorted(supernet.size_of(a, MICRO.shape)[0] for a in archs)
-    uniform, strata = flops(small[:6]), flops(evaluate.pick_archs(6, 5, MICRO, stratified=True))
+    uniform, strata = flops(small[:6]), flops(groundtruth.pick_archs(6, 5, MICRO, stratified=True))
     assert strata[-1] - strata[0] > uniform[-1] - uniform[0]
 
 
 def test_ceiling_is_spearman_brown_for_a_mean_of_two_seeds():
-    assert evaluate.ceiling_of(0.6, "pearson") == pytest.approx((2 * 0.6 / 1.6) ** 0.5)
-    assert evaluate.ceiling_of(1.0, "kendall") == pytest.approx(1.0)
-    assert evaluate.ceiling_of(-0.2, "kendall") == 0.0
+    assert report.spearman_brown_ceiling(0.6, "pearson") == pytest.approx((2 * 0.6 / 1.6) ** 0.5)
+    assert report.spearman_brown_ceiling(1.0, "kendall") == pytest.approx(1.0)
+    assert report.spearman_brown_ceiling(-0.2, "kendall") == 0.0
     for name in ("kendall", "spearman"):  # above R itself, below 1
-        assert 0.5 < evaluate.ceiling_of(0.5, name) < 1.0
+        assert 0.5 < report.spearman_brown_ceiling(0.5, name) < 1.0
     # Kendall 1/3 is Pearson sin(pi/6) = 0.5 for a bivariate normal
     r = (2 * 0.5 / 1.5) ** 0.5
-    assert evaluate.ceiling_of(1 / 3, "kendall") == pytest.approx(
+    assert report.spearman_brown_ceiling(1 / 3, "kendall") == pytest.approx(
         2 / 3.141592653589793 * __import__("math").asin(r))
 
 
@@ -158,10 +163,11 @@ def test_standalone_training_learns(micro_data):
     try:
         small = supernet.decode("1" + "2222" + "3" + ("33" * 2 + "00" * 3) * 2 + "55" * 2
                                 + "00" * 6 + "77" * 2 + "00" * 3)
-        acc = evaluate.train_standalone(small, replace(MICRO, gt_epochs=4), micro_data, seed=0)
+        m = groundtruth.train_standalone(small, replace(MICRO, gt_epochs=4), micro_data, seed=0)
     finally:
         torch.set_num_threads(threads)
-    assert acc > 0.4  # ten classes: chance is 0.1
+    assert m["acc"] > 0.4 and m["acc_flip"] > 0.4  # ten classes: chance is 0.1
+    assert m["ce"] < math.log(10)  # below the cross-entropy of a uniform guess
 
 
 def test_challenge_json_round_trips_and_bad_files_are_refused(tmp_path):
@@ -169,39 +175,62 @@ def test_challenge_json_round_trips_and_bad_files_are_refused(tmp_path):
     codes = {f"arch{i}": supernet.encode(supernet.sample_arch(rng)) for i in range(1, 6)}
     src = tmp_path / "in.json"
     src.write_text(json.dumps({k: {"acc": 0.0, "arch": c} for k, c in codes.items()}))
-    assert evaluate.read_challenge(src) == codes
+    assert report.read_challenge(src) == codes
     accs = {c: 0.1 * i for i, c in enumerate(codes.values())}
-    evaluate.write_challenge(tmp_path / "out.json", codes, accs)
+    report.write_challenge(tmp_path / "out.json", codes, accs)
     back = json.loads((tmp_path / "out.json").read_text())
     assert {k: v["arch"] for k, v in back.items()} == codes
     assert back["arch2"]["acc"] == pytest.approx(0.1)
     (tmp_path / "bad.json").write_text("{\"arch1\": ")
     with pytest.raises(ValueError, match="not valid JSON"):
-        evaluate.read_challenge(tmp_path / "bad.json")
+        report.read_challenge(tmp_path / "bad.json")
     (tmp_path / "bad.json").write_text(json.dumps({"arch1": {"arch": codes["arch1"]},
                                                    "arch2": {"arch": "15"}}))
     with pytest.raises(ValueError, match="entry 'arch2': arch code has length 2"):
-        evaluate.read_challenge(tmp_path / "bad.json")
+        report.read_challenge(tmp_path / "bad.json")
 
 
 def test_the_real_challenge_file_reads():
     if not CHALLENGE_JSON.exists():
         pytest.skip(f"the challenge's candidate file is absent ({CHALLENGE_JSON})")
-    assert len(evaluate.read_challenge(CHALLENGE_JSON)) == 45000
+    assert len(report.read_challenge(CHALLENGE_JSON)) == 45000
 
 
 def test_recipe_key_covers_every_setting_and_not_how_a_number_is_written():
     from dataclasses import replace
-    base = evaluate.recipe(MICRO, "cpu")
-    assert evaluate.recipe(replace(MICRO, gt_epochs=int(MICRO.gt_epochs * 4) / 4), "cpu") == base
-    assert evaluate.recipe(replace(MICRO, gt_epochs=1), "cpu") == evaluate.recipe(
+    base = groundtruth.recipe_key(MICRO, "cpu")
+    quarter = replace(MICRO, gt_epochs=int(MICRO.gt_epochs * 4) / 4)
+    assert groundtruth.recipe_key(quarter, "cpu") == base
+    assert groundtruth.recipe_key(replace(MICRO, gt_epochs=1), "cpu") == groundtruth.recipe_key(
         replace(MICRO, gt_epochs=1.0), "cpu")
     for change in ({"gt_label_smoothing": 0.1}, {"image_size": 14}, {"gt_batch_size": 64},
                    {"gt_lr": 0.2}, {"train_subset": 256}):
-        assert evaluate.recipe(replace(MICRO, **change), "cpu") != base, change
+        assert groundtruth.recipe_key(replace(MICRO, **change), "cpu") != base, change
     threads = torch.get_num_threads()
     torch.set_num_threads(threads + 1)
     try:
-        assert evaluate.recipe(MICRO, "cpu") != base
+        assert groundtruth.recipe_key(MICRO, "cpu") != base
     finally:
         torch.set_num_threads(threads)
+
+
+def test_the_committed_ground_truth_is_found_under_the_key_it_was_trained_with():
+    """The recipe key of nets in bench/results/groundtruth.json must not change when the code
+    does: here the 6-epoch headline recipe of `small` (2026-12-02, 80 nets), at 2 threads."""
+    import presets
+    six_epochs = presets.Preset(
+        name="small", dataset="fashion-mnist", image_size=14, in_channels=1, num_classes=10,
+        width_mult=0.125, divisor=2, batch_size=256, epoch_scale=0.18, lr_scale=10,
+        warmup_epochs=12, warmup_lr=0.1, train_subset=10000, calib_batches=10,
+        gt_epochs=6, gt_lr=0.1, gt_batch_size=256, gt_label_smoothing=0.1, gt_n=40)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        key = groundtruth.recipe_key(six_epochs, "cpu")
+    finally:
+        torch.set_num_threads(threads)
+    assert key == "gt-a2f568dd02"
+    stored = groundtruth.GroundTruth(groundtruth.SHARED_GROUND_TRUTH)
+    for arch in groundtruth.pick_archs(40, 0, six_epochs):  # the headline archs, both seeds
+        for seed in (0, 1):
+            assert stored.get(supernet.encode(arch), "fashion-mnist", key, seed) is not None

@@ -115,8 +115,10 @@ def test_more_processes_than_archs_or_an_uneven_batch_is_refused(monkeypatch, ca
 
 
 def test_archs_that_differ_between_ranks_stop_the_run_naming_the_ranks(monkeypatch):
+    import stages
     import supernet
-    import train_stages
+    import trainer
+    from presets import PRESETS, TrainingError
     seen = []
 
     def differing(text):
@@ -124,8 +126,8 @@ def test_archs_that_differ_between_ranks_stop_the_run_naming_the_ranks(monkeypat
         return [1]
     monkeypatch.setattr(parallel, "differing_ranks", differing)
     monkeypatch.setattr(parallel, "world_size", lambda: 2)
-    phase = train_stages.stage_phases("spos", train_stages.PRESETS["tiny"])[0]
+    phase = stages.stage_phases("spos", PRESETS["tiny"])[0]
     pending = [([supernet.MAX_ARCH], torch.zeros(1))]
-    with pytest.raises(train_stages.TrainingError, match=r"ranks \[1\] sampled other archs"):
-        train_stages.check_same_archs(pending, phase, 10)
+    with pytest.raises(TrainingError, match=r"ranks \[1\] sampled other archs"):
+        trainer.check_same_archs(pending, phase, 10)
     assert seen == [supernet.encode(supernet.MAX_ARCH)]

@@ -7,9 +7,11 @@ import pytest
 import torch
 
 import evaluate
+import events
+import groundtruth
 import search
 import supernet
-import train_stages
+import trainer
 from conftest import MICRO
 
 
@@ -65,8 +67,8 @@ def test_pareto_front_keeps_only_undominated_points():
 
 @pytest.fixture(scope="module")
 def trained(micro_data, tmp_path_factory):
-    st = train_stages.new_state(MICRO, ("warmup", "aps_depth", "cpt", "sse34"), 0, "cpu")
-    train_stages.train(st, micro_data, None, train_stages.EventLog(None))
+    st = trainer.new_state(MICRO, ("warmup", "aps_depth", "cpt", "sse34"), 0, "cpu")
+    trainer.train(st, micro_data, None, events.EventLog(None))
     return st, tmp_path_factory.mktemp("run")
 
 
@@ -86,8 +88,27 @@ def test_a_second_search_reevaluates_nothing_and_files_are_written(trained, micr
     arch = supernet.decode(first["best"]["arch"])
     calib = micro_data.calib_batches(MICRO.calib_batches, MICRO.calib_batch_size, seed=0)
     evals = micro_data.eval_batches(MICRO.eval_subset)
-    accs = evaluate.evaluate_archs(st, [arch], calib, evals)
+    accs = evaluate.evaluate_archs(st.net, st.sse, [arch], calib, evals)
     assert accs[first["best"]["arch"]] == first["best"]["top1"]
+
+
+def test_an_evaluation_that_fails_leaves_the_supernet_with_the_weights_it_held(trained,
+                                                                               micro_data):
+    st, _ = trained
+    held = st.sse.current
+    before = {k: v.clone() for k, v in st.net.state_dict().items()}
+    rng = random.Random(11)
+    others = [a for a in (supernet.sample_arch(rng) for _ in range(200))
+              if st.sse.owner(a) != held]
+    archs = [next(a for a in others if st.sse.owner(a) == sub) for sub in (0, 1)]
+    calib = micro_data.calib_batches(MICRO.calib_batches, MICRO.calib_batch_size, seed=0)
+    x, y = micro_data.eval_batches(64)[0]
+    broken = [(x, y[:-1])]  # one label short: accuracy raises inside the first copy's `with`
+    with pytest.raises(RuntimeError):
+        evaluate.evaluate_archs(st.net, st.sse, archs, calib, broken)
+    assert st.sse.current == held
+    for k, v in st.net.state_dict().items():
+        assert torch.equal(v, before[k]), k
 
 
 def test_exported_program_gives_the_supernets_logits_without_the_project(trained, micro_data,
@@ -101,12 +122,9 @@ def test_exported_program_gives_the_supernets_logits_without_the_project(trained
     images = torch.rand(5, 1, 28, 28)
     torch.save(images, tmp_path / "x.pt")
     # the supernet itself, with the owner's weights and this arch's recalibrated BN statistics
-    before = st.current_sub
-    train_stages.swap_sub(st, train_stages.sse_owner(arch, "sse34"))
-    evaluate.calibrate_bn(st.net, arch, calib)
-    with torch.no_grad():
+    with st.sse.holding(st.net, st.sse.owner(arch)), torch.no_grad():
+        evaluate.calibrate_bn(st.net, arch, calib)
         expected = st.net((images - micro_data.mean) / micro_data.std, arch)
-    train_stages.swap_sub(st, before)
     code = ("import torch\n"
             "try:\n    import supernet\n    raise SystemExit('the project is importable')\n"
             "except ImportError:\n    pass\n"
@@ -142,7 +160,7 @@ def test_fine_tuning_killed_and_resumed_equals_uninterrupted(micro_data, tmp_pat
         return supernet.StaticNet(arch, preset.shape)
 
     whole = fresh()
-    top1 = evaluate.train_static(whole, preset, micro_data, 0, 0.5)
+    top1 = groundtruth.train_static(whole, preset, micro_data, 0, 0.5)
 
     class Killed:  # the data, with a kill at the fifth batch
         def __getattr__(self, name):
@@ -155,12 +173,12 @@ def test_fine_tuning_killed_and_resumed_equals_uninterrupted(micro_data, tmp_pat
 
     state = tmp_path / "net.pt.finetune"
     with pytest.raises(KeyboardInterrupt):
-        evaluate.train_static(fresh(), preset, Killed(), 0, 0.5, checkpoint=state, what="a")
+        groundtruth.train_static(fresh(), preset, Killed(), 0, 0.5, checkpoint=state, what="a")
     assert torch.load(state, weights_only=True)["step"] == 4
     with pytest.raises(ValueError, match="holds another training"):
-        evaluate.train_static(fresh(), preset, micro_data, 1, 0.5, checkpoint=state, what="a")
+        groundtruth.train_static(fresh(), preset, micro_data, 1, 0.5, checkpoint=state, what="a")
     resumed = fresh()
-    assert evaluate.train_static(resumed, preset, micro_data, 0, 0.5, checkpoint=state,
-                                 what="a") == top1
+    assert groundtruth.train_static(resumed, preset, micro_data, 0, 0.5, checkpoint=state,
+                                    what="a")["acc"] == top1["acc"]
     for a, b in zip(whole.state_dict().values(), resumed.state_dict().values()):
         assert torch.equal(a, b)

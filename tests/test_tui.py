@@ -265,7 +265,7 @@ def test_ground_truth_table_grows_with_the_log_and_shows_the_net_in_training(tmp
         log = app.query_one("#log", Log).lines
         assert sum("ground truth" in line for line in log) == 3
         # one net of 4 left at the mean of the timed ones (42 s)
-        assert app.state.eta() == 42.0 and "ETA 42 s" in text(app, "#timeline")
+        assert tui.eta(app.state) == 42.0 and "ETA 42 s" in text(app, "#timeline")
         # a resumed `all` logs its ground truth again: no row twice
         append(tmp_path / "events.jsonl", lines(GROUND_TRUTH, start=10))
         app.poll_log()
@@ -301,8 +301,8 @@ def test_eta_from_measured_rates_and_planned_steps(tmp_path):
         state.apply(e)
     # aps_depth/1: 40 steps left at 3 s; aps_depth/2: 80 at its stage's 3 s (the same k);
     # cpt, one path a step: 40 at the latest measured seconds per path, 3 s / 4 paths
-    assert state.eta() == 40 * 3 + 80 * 3 + 40 * 3 / 4
-    assert [(s, status) for s, status, _ in state.timeline()] == [
+    assert tui.eta(state) == 40 * 3 + 80 * 3 + 40 * 3 / 4
+    assert [(s, status) for s, status, _ in tui.timeline(state)] == [
         ("warmup", "done"), ("aps_depth", "running"), ("cpt", "waiting")]
 
 

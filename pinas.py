@@ -1,0 +1,235 @@
+"""Π-NAS: cross-path learning with a nontrivial mean teacher, without labels.
+
+"Π-NAS: Neural Architecture Search by Cross-Path Learning and Mean Teacher with Negative
+Samples" (Peng et al., ICCV 2021), on this repository's supernet. Two claims, two mechanisms:
+
+- *feature shift*: a hidden layer's input distribution varies with the path sampled before it.
+  Cross-path learning pulls the features of two paths that differ in every choice toward each
+  other: the positive of path A's output is path B's, and vice versa.
+- *parameter shift*: the shared weights receive contradictory updates from step to step. The
+  mean teacher, an exponential moving average of the student, gives slowly moving targets; its
+  negatives (a queue of earlier keys, as in MoCo) keep it from collapsing to a constant.
+
+`PiNAS` holds what this needs besides the supernet, the way MoCo's builder holds its encoders
+and queue: the projector, the mean teacher and the queue, with the step's loss and the
+teacher's update. Our readings where the paper is silent are said where they are made.
+"""
+
+import math
+import random
+from copy import deepcopy
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import parallel
+import supernet
+from data import mix_seed
+from presets import autocast
+
+DIM = 128           # projector output
+TEMPERATURE = 0.2   # InfoNCE
+MOMENTUM = 0.999    # the mean teacher's EMA
+
+
+class Projector(nn.Module):
+    """Π-NAS's MLP head on pooled features, to a 128-d unit vector. Its first layer is sliced
+    to the path's width, like the supernet's classifier."""
+
+    def __init__(self, width: int, dim: int = DIM):
+        super().__init__()
+        self.fc1 = nn.Linear(width, width)
+        self.fc2 = nn.Linear(width, dim)
+
+    def forward(self, f: torch.Tensor) -> torch.Tensor:
+        h = F.relu(F.linear(f, self.fc1.weight[:, :f.shape[1]], self.fc1.bias))
+        return F.normalize(self.fc2(h).float(), dim=1)
+
+
+class NegativeQueue:
+    """A fixed-size FIFO of unit vectors: each step's keys overwrite the oldest entries.
+
+    It starts as random unit vectors, as MoCo's does, so the first steps have negatives too;
+    `fill` counts the real keys pushed so far (capped at the size)."""
+
+    def __init__(self, size: int, dim: int, device, seed: int):
+        g = torch.Generator().manual_seed(mix_seed(seed, 13))
+        self.vectors = F.normalize(torch.randn(size, dim, generator=g), dim=1).to(device)
+        self.ptr = 0
+        self.fill = 0
+
+    def push(self, keys: torch.Tensor) -> None:
+        size = len(self.vectors)
+        keys = keys[-size:]
+        idx = (self.ptr + torch.arange(len(keys), device=self.vectors.device)) % size
+        self.vectors[idx] = keys.to(self.vectors.dtype)
+        self.ptr = (self.ptr + len(keys)) % size
+        self.fill = min(size, self.fill + len(keys))
+
+    def state_dict(self) -> dict:
+        return {"vectors": self.vectors, "ptr": self.ptr, "fill": self.fill}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.vectors.copy_(state["vectors"])
+        self.ptr = state["ptr"]
+        self.fill = state["fill"]
+
+
+def sample_path_pair(rng: random.Random, depth_ranges=supernet.DEPTH_RANGES,
+                     width_codes=supernet.WIDTH_CODES):
+    """Two archs that differ in every choice the space leaves open: each stage's depth and
+    output width, and the conv1 width of every block both have (Π-NAS's cross-path pairs)."""
+    a = supernet.sample_arch(rng, depth_ranges, width_codes)
+
+    def other(value, options):
+        rest = [o for o in options if o != value]
+        return rng.choice(rest) if rest else value
+
+    depths = tuple(other(d, range(lo, hi + 1)) for d, (lo, hi) in zip(a.depths, depth_ranges))
+    outs = tuple(other(o, width_codes[s]) for s, o in enumerate(a.outs))
+    mids = []
+    for s in range(4):
+        mids.append(tuple(other(a.mids[s][i], width_codes[s]) if i < a.depths[s]
+                          else rng.choice(width_codes[s]) for i in range(depths[s])))
+    return a, supernet.Arch(depths, outs, tuple(mids))
+
+
+def contrastive_views(x: torch.Tensor, n: int, g: torch.Generator) -> list[torch.Tensor]:
+    """n augmented views of a (normalized) batch, on its device, in one grid_sample: random
+    resized crop (area 0.2-1, aspect 3/4-4/3), flip, brightness and contrast jitter, and for
+    colour images grayscale with p = 0.2 (MoCo v2's recipe without blur, for small images)."""
+    m = n * len(x)
+    area = torch.empty(m).uniform_(0.2, 1, generator=g)
+    aspect = torch.empty(m).uniform_(-math.log(4 / 3), math.log(4 / 3), generator=g).exp()
+    w = (area * aspect).sqrt().clamp(max=1)
+    h = (area / aspect).sqrt().clamp(max=1)
+    cx = (torch.rand(m, generator=g) * 2 - 1) * (1 - w)
+    cy = (torch.rand(m, generator=g) * 2 - 1) * (1 - h)
+    flip = torch.where(torch.rand(m, generator=g) < 0.5, -1.0, 1.0)
+    zero = torch.zeros(m)
+    contrast = torch.empty(m).uniform_(0.6, 1.4, generator=g)
+    shift = torch.empty(m).uniform_(-0.4, 0.4, generator=g)
+    gray = (torch.rand(m, generator=g) < 0.2).float()
+    # every random number is drawn on the host, then copied to the device once
+    params = torch.stack([w * flip, zero, cx, zero, h, cy, contrast, shift, gray], 1)
+    params = params.to(x.device, non_blocking=True)
+    theta = params[:, :6].view(m, 2, 3)
+    contrast, shift, gray = params[:, 6:, None, None, None].unbind(1)
+    xs = x.float().repeat(n, 1, 1, 1)
+    grid = F.affine_grid(theta, list(xs.shape), align_corners=False)
+    out = F.grid_sample(xs, grid, align_corners=False)
+    if x.shape[1] == 3:
+        out = torch.lerp(out, out.mean(1, keepdim=True).expand_as(out), gray)
+    out = out * contrast + shift
+    if out.is_cuda:
+        out = out.contiguous(memory_format=torch.channels_last)
+    return list(out.chunk(n))
+
+
+def info_nce(q: torch.Tensor, k: torch.Tensor, negatives: torch.Tensor) -> torch.Tensor:
+    """-log of the positive's softmax share against the queue's negatives, temperature 0.2."""
+    logits = torch.cat([(q * k).sum(1, keepdim=True), q @ negatives.T], 1) / TEMPERATURE
+    return F.cross_entropy(logits, torch.zeros(len(q), dtype=torch.long, device=q.device))
+
+
+def used_slices(net: supernet.Supernet, arch: supernet.Arch) -> list[tuple[str, int, int]]:
+    """(module name, out channels, in channels) of every sliced conv+BN that `arch` runs."""
+    used = [("stem", supernet.stem_channels(arch, net.shape), net.shape.in_channels)]
+    for b in supernet.blocks_of(arch, net.shape):
+        name = f"stages.{b.stage}.{b.index}"
+        used += [(f"{name}.conv1", b.mid, b.cin), (f"{name}.conv2", b.cout, b.mid)]
+        if net.stages[b.stage][b.index].shortcut is not None:
+            used.append((f"{name}.shortcut", b.cout, b.cin))
+    return used
+
+
+class PiNAS:
+    """The projector (the student's head), the mean teacher (supernet and projector) and the
+    queue of negatives, around the student supernet `net`.
+
+    Built once per Π-NAS stage, from the supernet as it is then; seeded apart from the global
+    RNG, so that a run resumed before this stage builds the same one."""
+
+    def __init__(self, net: supernet.Supernet, queue_size: int, seed: int):
+        device = net.fc.weight.device
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(mix_seed(seed, 11))
+            self.projector = Projector(net.fc.in_features).to(device)
+        self.mean_teacher = nn.ModuleDict({"net": deepcopy(net),
+                                           "projector": deepcopy(self.projector)})
+        self.mean_teacher.requires_grad_(False)
+        self.queue = NegativeQueue(queue_size, DIM, device, seed)
+        self.seed = seed
+
+    def teacher_keys(self, x: torch.Tensor, arch: supernet.Arch,
+                     perm: torch.Tensor) -> torch.Tensor:
+        """The mean teacher's keys for `x` through `arch`, with shuffle-BN done on one device:
+        the batch is permuted and split in two halves whose BN statistics are computed apart,
+        so no key is normalized with the same batch statistics as its query (the student sees
+        the whole batch in order). On several GPUs MoCo gets this by shuffling across them."""
+        net, projector = self.mean_teacher["net"], self.mean_teacher["projector"]
+        f = torch.cat([net.features(half, arch) for half in x[perm].chunk(2)])
+        return projector(f)[perm.argsort()]
+
+    def step(self, net: supernet.Supernet, x: torch.Tensor, rng: random.Random,
+             g: torch.Generator, depths=supernet.DEPTH_RANGES, widths=supernet.WIDTH_CODES):
+        """One step's forward and backward (Π-NAS Sec. 3), no labels: (the two paths, [loss]).
+
+        Four views q0, k0, q1, k1 of the batch (drawn with `g`); two paths a and b that differ
+        in every choice (drawn with `rng` from the phase's space). The student runs a on q0 and
+        b on q1, the teacher a on k0 and b on k1; the positive of student a is teacher b and
+        vice versa, so each path is pulled toward the other's features. The loss is the mean
+        of the two InfoNCE terms against the queue's negatives. After the backward pass (whose
+        graph holds the queue as it was) the queue receives the normalized mean of the two
+        teacher keys, gathered from every rank so that all push the same."""
+        q0, k0, q1, k1 = contrastive_views(x, 4, g)
+        a, b = sample_path_pair(rng, depths, widths)
+        perm = torch.randperm(len(x), generator=g).to(x.device)
+        negatives = self.queue.vectors
+        with autocast(x.device):
+            with torch.no_grad():
+                ka = self.teacher_keys(k0, a, perm)
+                kb = self.teacher_keys(k1, b, perm)
+            qa = self.projector(net.features(q0, a))
+            qb = self.projector(net.features(q1, b))
+            loss = 0.5 * (info_nce(qa, kb, negatives) + info_nce(qb, ka, negatives))
+        loss.backward()
+        self.queue.push(parallel.gather_rows(F.normalize(ka + kb, dim=1)))
+        return [a, b], [loss.detach()]
+
+    @torch.no_grad()
+    def update_teacher(self, net: supernet.Supernet, archs, momentum: float = MOMENTUM) -> None:
+        """teacher <- m teacher + (1 - m) student, on the slices the step's paths ran (their
+        union) and on the projector. Our reading: every other teacher weight keeps its value. A
+        path's update says nothing about weights it did not use, so averaging those in would
+        only drag the teacher toward weights that other paths last left there."""
+        student = dict(net.named_modules())
+        teacher = dict(self.mean_teacher["net"].named_modules())
+        masks = {}
+        for arch in archs:
+            for name, cout, cin in used_slices(net, arch):
+                shape = student[name].weight.shape[:2]
+                mask = masks.setdefault(name, student[name].weight.new_zeros(shape))
+                mask[:cout, :cin] = 1 - momentum
+        for name, w in masks.items():
+            s, t = student[name], teacher[name]
+            t.weight.lerp_(s.weight, w[:, :, None, None])
+            rows = w.amax(1)
+            t.bn.weight.lerp_(s.bn.weight, rows)
+            t.bn.bias.lerp_(s.bn.bias, rows)
+        width = max(supernet.feature_width(a, net.shape) for a in archs)
+        sp, tp = self.projector, self.mean_teacher["projector"]
+        tp.fc1.weight[:, :width].lerp_(sp.fc1.weight[:, :width], 1 - momentum)
+        for t, s in [(tp.fc1.bias, sp.fc1.bias), (tp.fc2.weight, sp.fc2.weight),
+                     (tp.fc2.bias, sp.fc2.bias)]:
+            t.lerp_(s, 1 - momentum)
+
+    def state_dict(self) -> dict:
+        return {"projector": self.projector.state_dict(),
+                "mean_teacher": self.mean_teacher.state_dict(), "queue": self.queue.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.projector.load_state_dict(state["projector"])
+        self.mean_teacher.load_state_dict(state["mean_teacher"])
+        self.queue.load_state_dict(state["queue"])

@@ -1,0 +1,196 @@
+"""The presets, and the little that training, evaluation and search all need: the device and
+its precision, the learning-rate schedule, BN momentum, atomic writes, and the errors.
+
+A preset is everything a run's numbers depend on. Every stage's epochs and learning rates are
+the paper's (stages.SCHEDULE), multiplied by the preset's `epoch_scale` and `lr_scale`, so the
+ratios between phases stay the paper's; the full-net warm-up and the stand-alone ground-truth
+recipe have no paper counterpart and are the preset's own.
+"""
+
+import json
+import math
+import os
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+import parallel
+import supernet
+
+
+@dataclass(frozen=True)
+class Preset:
+    """Everything a run's numbers depend on."""
+
+    name: str
+    dataset: str                  # fashion-mnist | cifar10 | cifar100 | imagenet
+    image_size: int               # images are resized to this (Fashion-MNIST is 28 px, CIFAR 32)
+    in_channels: int
+    num_classes: int
+    width_mult: float
+    divisor: int
+    batch_size: int
+    epoch_scale: float            # one paper epoch = this many epochs of our training set
+    lr_scale: float               # paper lrs (0.001..0.004, fine-tuning a pretrained net) x this
+    warmup_epochs: float          # full-net warm-up, in our epochs (no paper counterpart)
+    warmup_lr: float
+    train_subset: int = 0         # 0: the whole training split
+    eval_subset: int = 0          # held-out images per subnet evaluation (0: all)
+    calib_batches: int = 50       # BN recalibration: batches x batch size (paper: 50 x 256)
+    calib_batch_size: int = 256
+    gt_epochs: float = 10.0       # stand-alone ground-truth recipe
+    gt_lr: float = 0.1
+    gt_batch_size: int = 256
+    gt_label_smoothing: float = 0.0
+    gt_n: int = 50                # ground-truth archs
+    gt_seeds: int = 2             # seeds per arch: the ground truth is their mean
+    probe_every: int = 200        # steps between running rank probes (0: phase ends only)
+    probe_calib_batches: int = 4
+    probe_eval_images: int = 1000
+    log_every: int = 20
+    checkpoint_every: int = 500
+    queue_size: int = 65536       # Π-NAS negatives (MoCo's size; small datasets need fewer)
+    cpu_threads: int = 0          # torch threads on CPU (0: torch's default); results depend on it
+
+    @property
+    def shape(self) -> supernet.NetShape:
+        return supernet.NetShape(self.image_size, self.in_channels, self.num_classes,
+                                 self.width_mult, self.divisor)
+
+
+# CPU smoke run on a Fashion-MNIST subset: every stage runs, a paper epoch is about one step.
+TINY = Preset(
+    name="tiny", dataset="fashion-mnist", image_size=28, in_channels=1, num_classes=10,
+    width_mult=0.125, divisor=2, batch_size=64, epoch_scale=0.008, lr_scale=10,
+    warmup_epochs=1, warmup_lr=0.1, train_subset=5000, eval_subset=1000,
+    calib_batches=4, calib_batch_size=128,
+    gt_epochs=1.5, gt_lr=0.1, gt_batch_size=64, gt_n=8,
+    probe_every=0, probe_calib_batches=2, probe_eval_images=500, log_every=5,
+    checkpoint_every=50, queue_size=1024)
+
+# Rank evidence on 2 CPU cores: 10,000 Fashion-MNIST images at 14 px (2 x 2 averaged), all
+# 10,000 held out, every ground-truth arch trained with 2 seeds. The recipe (6 epochs of the
+# subset) is the best of a measured curve of seed-vs-seed agreement on archs apart from the
+# headline ones (bench/gt_recipe.py): 12 epochs agreed less, 1-1.5 epochs of all 60,000 images
+# less too. A paper epoch is 7 steps (as many as at 0.03 of 60,000 images).
+SMALL = Preset(
+    name="small", dataset="fashion-mnist", image_size=14, in_channels=1, num_classes=10,
+    width_mult=0.125, divisor=2, batch_size=256, epoch_scale=0.18, lr_scale=10,
+    warmup_epochs=12, warmup_lr=0.1, train_subset=10000,
+    calib_batches=10, calib_batch_size=256,
+    gt_epochs=6, gt_lr=0.1, gt_batch_size=256, gt_label_smoothing=0.1, gt_n=40,
+    probe_every=0, probe_calib_batches=2, probe_eval_images=2000, log_every=10,
+    checkpoint_every=200, queue_size=4096, cpu_threads=2)
+
+# One GPU, about an hour: CIFAR-10 at half width, a paper epoch is a quarter of CIFAR.
+CIFAR = Preset(
+    name="cifar", dataset="cifar10", image_size=32, in_channels=3, num_classes=10,
+    width_mult=0.5, divisor=4, batch_size=256, epoch_scale=0.25, lr_scale=10,
+    warmup_epochs=15, warmup_lr=0.2, eval_subset=10000,
+    calib_batches=8, calib_batch_size=250, gt_epochs=8, gt_lr=0.2, gt_n=50,
+    probe_every=200, probe_calib_batches=4, probe_eval_images=2000, queue_size=4096)
+
+PRESETS = {
+    "tiny": TINY,
+    "small": SMALL,
+    "cifar": CIFAR,
+    # cifar's budget on Fashion-MNIST (60,000 images), for GPU machines that cannot download
+    # CIFAR: carry the four .gz files and pass --data-dir.
+    "fashion": replace(CIFAR, name="fashion", dataset="fashion-mnist", image_size=28,
+                       in_channels=1),
+    # The paper's schedule on ImageNet (the warm-up and the ground-truth recipe are ours).
+    "paper": Preset(
+        name="paper", dataset="imagenet", image_size=224, in_channels=3, num_classes=1000,
+        width_mult=1.0, divisor=8, batch_size=256, epoch_scale=1.0, lr_scale=1.0,
+        warmup_epochs=90, warmup_lr=0.1, eval_subset=50000, gt_epochs=90, gt_lr=0.1, gt_n=50,
+        probe_every=2000, probe_eval_images=5000, checkpoint_every=2000),
+}
+
+
+class TrainingError(Exception):
+    """Training cannot go on (a non-finite loss, a refused checkpoint); the message says where."""
+
+
+# ---------------------------------------------------------------- what a run's config is
+
+def run_config(preset: Preset, stages, seed: int, aps: str, kd: bool) -> dict:
+    """What a run's results depend on: config.json, and the key a checkpoint must match."""
+    return {"preset": asdict(preset), "stages": list(stages), "seed": seed, "aps": aps, "kd": kd}
+
+
+def config_diff(a: dict, b: dict) -> list[str]:
+    return sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k))
+
+
+def preset_from_config(config: dict) -> Preset:
+    """The run's preset; TrainingError for a config.json written by another version."""
+    try:
+        return Preset(**config["preset"])
+    except (TypeError, KeyError) as e:
+        raise TrainingError(f"config.json was written by another version of nas.py ({e}); "
+                            "start a new run")
+
+
+# ---------------------------------------------------------------- device, precision, threads
+
+def set_threads(preset: Preset) -> None:
+    """Pin torch's CPU threads where the preset says so: float results depend on the count.
+    Processes that torchrun started on one machine share the preset's threads."""
+    if preset.cpu_threads:
+        torch.set_num_threads(parallel.threads_per_rank(preset.cpu_threads))
+
+
+def pick_device(name: str) -> str:
+    """'auto', 'cpu' or 'cuda' as the device to train on; ValueError when it is not here."""
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name not in ("cpu", "cuda") or (name == "cuda" and not torch.cuda.is_available()):
+        raise ValueError(f"device {name!r} is not available here; use cpu, cuda or auto")
+    return name
+
+
+def autocast(device):
+    """bf16 autocast on a GPU, nothing on the CPU."""
+    return torch.autocast("cuda", torch.bfloat16, enabled=torch.device(device).type == "cuda")
+
+
+def lr_at(step: int, steps: int, base: float) -> float:
+    """Every phase's schedule: linear warm-up over the first 5% of it, then cosine to 0."""
+    warm = max(1, steps // 20)
+    if step < warm:
+        return base * (step + 1) / warm
+    return base * 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, steps - warm)))
+
+
+@contextmanager
+def bn_momentum(net: nn.Module, momentum: float | None = None):
+    """Every BN layer of `net` with `momentum` (None: as it is, for the body to set per batch),
+    the momenta as they were afterwards; yields the BN layers. BN's running update is
+    r <- (1 - m) r + m b: momentum 0 keeps the running statistics, 1 / (i + 1) at batch i
+    makes them the exact mean of the batches' statistics."""
+    bns = [m for m in net.modules() if isinstance(m, nn.BatchNorm2d)]
+    before = [bn.momentum for bn in bns]
+    try:
+        if momentum is not None:
+            for bn in bns:
+                bn.momentum = momentum
+        yield bns
+    finally:
+        for bn, m in zip(bns, before):
+            bn.momentum = m
+
+
+# ---------------------------------------------------------------- files
+
+def replace_atomically(path: Path, write) -> None:
+    """`write(tmp)` then rename tmp over `path`: a reader never sees half a file."""
+    tmp = path.with_name(path.name + ".tmp")
+    write(tmp)
+    os.replace(tmp, path)
+
+
+def write_json_atomic(path: Path, obj) -> None:
+    replace_atomically(path, lambda tmp: tmp.write_text(json.dumps(obj, indent=1)))

@@ -1,0 +1,366 @@
+"""The stages: the paper's schedule as one table, and each stage's step.
+
+"Improving the Rank Consistency of One-Shot NAS" (2nd place, CVPR 2022 lightweight-NAS
+challenge, supernet track) trains its supernet in this order:
+
+    warmup      the largest net alone (the challenge handed out a pretrained ResNet-48; we make
+                our own). It is also the distillation teacher of SSE.
+    aps_depth   Adapted Progressive Shrinking of depth, 3 phases (Sec. 2.2, 3.2)
+    aps_width   APS of width, 3 phases (Sec. 3.2)
+    cpt         Candidate Plasticity Training with NSAS's constraint pool (Sec. 2.4, 3.3)
+    sse34/sse4  Sub-supernet Enhancing with distillation (Sec. 2.3, 3.4)
+
+with the baselines spos (uniform single path: Guo et al., "Single Path One-Shot Neural
+Architecture Search with Uniform Sampling", ECCV 2020) and ps_depth/ps_width (uniform
+progressive shrinking after once-for-all, Cai et al., ICLR 2020). Π-NAS (pinas.py) is here as
+the stage `pinas`, unsupervised, with `linear_head` to rank its archs by top-1 afterwards.
+
+Every phase restarts its learning rate, warms up linearly and decays by cosine to 0
+(presets.lr_at). In each step, K subnets are sampled and each does forward + backward on the
+same batch; the gradients add up, then the optimizer takes one step.
+"""
+
+from dataclasses import dataclass, replace
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+import supernet
+from data import mix_seed
+import pinas
+from presets import Preset, autocast, bn_momentum
+from sse import REGIONS, SubSupernets, stronger_teacher
+
+ANY_DEPTH = supernet.DEPTH_RANGES     # ((2, 5), (2, 5), (2, 8), (2, 5)): every depth
+ANY_WIDTH = supernet.WIDTH_CODES      # the challenge's codes of stem+S1, S2, S3, S4
+MAX_ONLY = tuple((d, d) for d in supernet.MAX_DEPTHS)
+WIDEST = ((1,),) * 4
+NARROW_3 = ((1, 2, 3),) * 4
+NARROW_5 = ((1, 2, 3), (1, 2, 3), (1, 2, 3, 4, 5), (1, 2, 3, 4, 5))
+
+# The paper's schedule (Sec. 3.2-3.4) in its ImageNet epochs and learning rates (fine-tuning
+# from the pretrained ResNet-48); a preset multiplies every epoch count by `epoch_scale` and
+# every lr by `lr_scale`. One row per phase:
+#    (paper epochs, lr, K paths per step, depth range (lo, hi) of stages 1-4, width codes)
+SCHEDULE = {
+    # APS_v1 of depth, widths at max: the deepest nets first, then a block shallower, then all
+    "aps_depth_v1": [(5, 0.001, 4, ((4, 5), (4, 5), (6, 8), (4, 5)), WIDEST),
+                     (10, 0.002, 4, ((3, 5), (3, 5), (4, 8), (3, 5)), WIDEST),
+                     (15, 0.004, 4, ((2, 5), (2, 5), (2, 8), (2, 5)), WIDEST)],
+    # APS_v2: stage 4 fully elastic from phase 2
+    "aps_depth_v2": [(5, 0.001, 4, ((4, 5), (4, 5), (6, 8), (4, 5)), WIDEST),
+                     (10, 0.002, 4, ((3, 5), (3, 5), (4, 8), (2, 5)), WIDEST),
+                     (15, 0.004, 4, ((2, 5), (2, 5), (2, 8), (2, 5)), WIDEST)],
+    # APS_v3, the paper's best: stage 4 fully elastic from the start (a shallow stage 4 is
+    # otherwise underestimated, Sec. 2.2)
+    "aps_depth_v3": [(5, 0.001, 4, ((4, 5), (4, 5), (6, 8), (2, 5)), WIDEST),
+                     (10, 0.002, 4, ((3, 5), (3, 5), (4, 8), (2, 5)), WIDEST),
+                     (15, 0.004, 4, ((2, 5), (2, 5), (2, 8), (2, 5)), WIDEST)],
+    # PS, the uniform baseline (our reading): every stage's lower bound drops alike, by one
+    # block, by two, then to 2, with APS_v1's epochs and lrs
+    "ps_depth": [(5, 0.001, 4, ((4, 5), (4, 5), (7, 8), (4, 5)), WIDEST),
+                 (10, 0.002, 4, ((3, 5), (3, 5), (6, 8), (3, 5)), WIDEST),
+                 (15, 0.004, 4, ((2, 5), (2, 5), (2, 8), (2, 5)), WIDEST)],
+    # APS of width, depths fully elastic: stages 3 and 4 widen to 5 codes, then stage 4 to 7
+    "aps_width": [(5, 0.001, 4, ANY_DEPTH, NARROW_3),
+                  (10, 0.002, 4, ANY_DEPTH, NARROW_5),
+                  (25, 0.004, 4, ANY_DEPTH, ANY_WIDTH)],
+    # PS of width: the paper's width phases are uniform across stages already but for S3, S4;
+    # our baseline keeps them (PS and APS differ in depth only)
+    "ps_width": [(5, 0.001, 4, ANY_DEPTH, NARROW_3),
+                 (10, 0.002, 4, ANY_DEPTH, NARROW_5),
+                 (25, 0.004, 4, ANY_DEPTH, ANY_WIDTH)],
+    # SPOS, compute-matched to APS depth + width: 1 path a step where they run K = 4, so
+    # 4 x (30 + 40) epochs, as many forward/backward passes (our reading of "the same budget")
+    "spos": [(280, 0.004, 1, ANY_DEPTH, ANY_WIDTH)],
+    # CPT: one sampled path a step, plus the constraint pool's 10
+    "cpt": [(30, 0.001, 1, ANY_DEPTH, ANY_WIDTH)],
+    # SSE34: one phase per sub-supernet, in the order of sse.REGIONS["sse34"]
+    "sse34": [(6, 0.003, 1, ANY_DEPTH, ANY_WIDTH),
+              (9, 0.003, 1, ANY_DEPTH, ANY_WIDTH),
+              (6, 0.003, 1, ANY_DEPTH, ANY_WIDTH),
+              (9, 0.003, 1, ANY_DEPTH, ANY_WIDTH)],
+    # SSE4 (d4 = 2; d4 = 5): the paper gives no epochs; our reading gives both SSE34's longer 9
+    "sse4": [(9, 0.003, 1, ANY_DEPTH, ANY_WIDTH),
+             (9, 0.003, 1, ANY_DEPTH, ANY_WIDTH)],
+}
+PINAS_EPOCHS = 70       # Π-NAS from scratch: APS depth + width's 30 + 40 paper epochs
+PINAS_LR = 0.03         # MoCo's SGD lr at batch 256, scaled linearly with the batch (our reading)
+LINEAR_HEAD_LR = 0.03   # raw pooled features (norm ~8, one common mode) diverge above ~0.1
+
+
+@dataclass(frozen=True)
+class Phase:
+    """One stretch of training with one sampling space and one learning-rate schedule."""
+
+    stage: str
+    name: str
+    epochs: float                 # epochs of our training set: the paper's x preset.epoch_scale
+    lr: float                     # initial lr: the paper's x preset.lr_scale
+    k: int                        # archs sampled per step
+    depths: tuple = ANY_DEPTH     # (lo, hi) per stage
+    widths: tuple = ANY_WIDTH
+    sub: int | None = None        # SSE: the sub-supernet this phase trains
+
+    def space(self) -> dict:
+        return {"depths": [list(r) for r in self.depths], "widths": [list(w) for w in self.widths]}
+
+
+def paper_phases(stage: str, aps: str = "v3") -> list[Phase]:
+    """A stage's phases as the paper gives them (SCHEDULE), unscaled."""
+    key = f"aps_depth_{aps}" if stage == "aps_depth" else stage
+    rows = SCHEDULE[key]
+    sse = stage in ("sse4", "sse34")
+    return [Phase(stage, f"{stage}/{i}" if sse else f"{key}/{i + 1}" if len(rows) > 1 else key,
+                  e, lr, k, d, w, sub=i if sse else None)
+            for i, (e, lr, k, d, w) in enumerate(rows)]
+
+
+def scaled(stage: str, preset: Preset, aps: str) -> list[Phase]:
+    return [replace(p, epochs=p.epochs * preset.epoch_scale, lr=p.lr * preset.lr_scale)
+            for p in paper_phases(stage, aps)]
+
+
+def warmup_phases(stage: str, preset: Preset, aps: str) -> list[Phase]:
+    return [Phase(stage, stage, preset.warmup_epochs, preset.warmup_lr, 1, MAX_ONLY, WIDEST)]
+
+
+def pinas_phases(stage: str, preset: Preset, aps: str) -> list[Phase]:
+    """From scratch, like the warm-up: its lr is not a fine-tuning lr."""
+    lr = PINAS_LR * preset.batch_size / 256
+    return [Phase(stage, stage, PINAS_EPOCHS * preset.epoch_scale, lr, 2)]
+
+
+def linear_head_phases(stage: str, preset: Preset, aps: str) -> list[Phase]:
+    """A linear probe as long as the warm-up: forward passes only."""
+    return [Phase(stage, stage, preset.warmup_epochs, LINEAR_HEAD_LR, 1)]
+
+
+def phase_length(phase: Phase, preset: Preset, train_size: int) -> int:
+    """Optimizer steps in a phase."""
+    return max(1, round(phase.epochs * train_size / preset.batch_size))
+
+
+# ---------------------------------------------------------------- the steps
+
+def ce_step(st, archs, x, y, weight: float = 1.0) -> list[torch.Tensor]:
+    """The primitive: forward + backward of each arch on the same batch, gradients accumulate."""
+    losses = []
+    for arch in archs:
+        with autocast(x.device):
+            loss = F.cross_entropy(st.net(x, arch), y)
+        (loss * weight).backward()
+        losses.append(loss.detach())
+    return losses
+
+
+def sample_in(st, phase: Phase) -> supernet.Arch:
+    """An arch from the phase's space; in SSE, from the sub-supernet's region of (d3, d4)."""
+    if phase.sub is not None:
+        d3, d4 = st.rng.choice(sorted(REGIONS[phase.stage][phase.sub]))
+        return supernet.sample_arch(st.rng, ANY_DEPTH[:2] + ((d3, d3), (d4, d4)), phase.widths)
+    return supernet.sample_arch(st.rng, phase.depths, phase.widths)
+
+
+def warmup_step(st, phase: Phase, x, y):
+    """Full-net warm-up: the largest net alone (our stage; the challenge gave a pretrained one)."""
+    return [supernet.MAX_ARCH], ce_step(st, [supernet.MAX_ARCH], x, y)
+
+
+def sampled_step(st, phase: Phase, x, y):
+    """SPOS, PS and APS (Sec. 2.1, 2.2, Eq. 1): K archs from the phase's space, summed gradients."""
+    archs = [sample_in(st, phase) for _ in range(phase.k)]
+    return archs, ce_step(st, archs, x, y)
+
+
+def cpt_step(st, phase: Phase, x, y):
+    """Candidate Plasticity Training (Sec. 2.4, 3.3): 0.5 CE(sampled) + 0.5 mean CE(pool).
+
+    The pool losses backpropagate into the shared weights: that is what regularises the
+    update against forgetting the pool's archs (the NSAS demo detaches them; we do not).
+    """
+    arch = sample_in(st, phase)
+    st.pool.update(arch)
+    losses = ce_step(st, [arch], x, y, 0.5)
+    losses += ce_step(st, st.pool.members, x, y, 0.5 / len(st.pool.members))
+    return [arch] + st.pool.members, losses
+
+
+def sse_step(st, phase: Phase, x, y):
+    """Sub-supernet Enhancing (Sec. 2.3, 3.4): 0.4 CE + 0.2 pool CE + 0.4 KD ("Dis").
+
+    The sampled arch comes from the sub-supernet's own region. Our readings: the pool term is
+    the mean over the pool (as in CPT); each sub-supernet keeps the CPT pool's members inside
+    its region and goes on with NSAS's rule on its own samples only (`begin_sse`); KD is
+    Hinton's KL(teacher || student) at temperature 1. Without KD the paper gives no weights:
+    we drop the KD term and keep the other two's 2 : 1 ratio, 2/3 CE + 1/3 pool CE.
+    """
+    arch = sample_in(st, phase)
+    st.pool.update(arch)
+    teacher = st.sse.teacher
+    w_ce, w_pool = (0.4, 0.2) if teacher is not None else (2 / 3, 1 / 3)
+    with autocast(x.device):
+        logits = st.net(x, arch)
+        loss = F.cross_entropy(logits, y)
+        total = w_ce * loss
+        if teacher is not None:
+            with torch.no_grad():
+                target = F.softmax(teacher(x).float(), 1)
+            kd = F.kl_div(F.log_softmax(logits.float(), 1), target, reduction="batchmean")
+            total = total + 0.4 * kd
+    total.backward()
+    losses = [loss.detach()] + ce_step(st, st.pool.members, x, y, w_pool / len(st.pool.members))
+    return [arch] + st.pool.members, losses
+
+
+def pinas_step(st, phase: Phase, x):
+    """Π-NAS's step (pinas.PiNAS.step). The labels stop before this: it is not given them."""
+    g = torch.Generator().manual_seed(mix_seed(st.seed, st.phase_index, st.step, 5))
+    return st.pinas.step(st.net, x, st.rng, g, phase.depths, phase.widths)
+
+
+def linear_head_step(st, phase: Phase, x, y):
+    """Π-NAS's ranking needs a classifier (its training saw no labels): our reading of its linear
+    evaluation trains only the supernet's sliced classifier on frozen features, a random path
+    per batch, so every arch can then be ranked by calibrated top-1 like any other run's.
+    Frozen includes BN: features use the batch's statistics, and the running statistics stay
+    as Π-NAS left them (momentum 0; every evaluation recalibrates them per arch anyway)."""
+    arch = sample_in(st, phase)
+    with autocast(x.device):
+        with torch.no_grad(), bn_momentum(st.net, 0.0):
+            f = st.net.features(x, arch)
+        logits = F.linear(f, st.net.fc.weight[:, :f.shape[1]], st.net.fc.bias)
+        loss = F.cross_entropy(logits, y)
+    loss.backward()
+    return [arch], [loss.detach()]
+
+
+# ---------------------------------------------------------------- what a stage leaves behind
+
+def keep_warmup_net(st, phase: Phase, last: bool) -> None:
+    """The warm-up's full net, kept as SSE's candidate distillation teacher."""
+    full = supernet.extract_subnet(st.net, supernet.MAX_ARCH)
+    st.warmup_weights = {k: v.clone() for k, v in full.state_dict().items()}
+
+
+def begin_sse(st, phase: Phase, log, score) -> None:
+    """Split the supernet at the first SSE phase (choosing the distillation teacher then), hold
+    this phase's sub-supernet, start its pool from the CPT members in its region, and build
+    the teacher; again on a resume, where the split is already in the checkpoint."""
+    if st.sse is None or st.sse.stage != phase.stage:
+        teacher = None
+        if st.kd and st.warmup_weights is not None:
+            teacher = stronger_teacher(st.net, st.warmup_weights, score, log)
+        st.sse = SubSupernets.split(phase.stage, st.net, st.pool.members, teacher)
+    st.sse.hold(st.net, phase.sub)
+    if st.step == 0:  # each sub-supernet's pool starts from the CPT members in its region
+        members = [supernet.decode(c) for c in st.sse.cpt_members]
+        st.pool.members = [m for m in members if st.sse.owner(m) == phase.sub]
+        st.pool.recent.clear()  # and admits only its own samples, never the last stage's
+    st.sse.build_teacher(st.preset.shape, st.device())
+    if st.kd and st.sse.teacher is None:
+        log("warning", message=f"{phase.name}: distillation asked for, but no warm-up ran "
+                               "before it to be the teacher; training without KD")
+
+
+def end_sse(st, phase: Phase, last: bool) -> None:
+    """After the last SSE phase the supernet holds the shared copy again."""
+    if last:
+        st.sse.hold(st.net, st.sse.shared)
+
+
+def begin_pinas(st, phase: Phase, log, score) -> None:
+    if st.pinas is None:
+        st.pinas = pinas.PiNAS(st.net, st.preset.queue_size, st.seed)
+
+
+def end_pinas(st, phase: Phase, last: bool) -> None:
+    """Π-NAS's teacher and queue are of no use to the stages after it."""
+    if last:
+        st.pinas = None
+
+
+def update_mean_teacher(st, archs) -> None:
+    st.pinas.update_teacher(st.net, archs)
+
+
+def queue_fields(st) -> dict:
+    return {"queue_fill": st.pinas.queue.fill / len(st.pinas.queue.vectors),
+            "ema_momentum": pinas.MOMENTUM}
+
+
+def supernet_params(st) -> list:
+    return list(st.net.parameters())
+
+
+def classifier_params(st) -> list:
+    return list(st.net.fc.parameters())
+
+
+def pinas_params(st) -> list:
+    return [*st.net.parameters(), *st.pinas.projector.parameters()]
+
+
+# ---------------------------------------------------------------- the stage table
+
+@dataclass(frozen=True)
+class Stage:
+    """What the training loop needs to know of a stage."""
+
+    phases: Callable                # (stage, preset, aps) -> its phases, scaled
+    step: Callable                  # (st, phase, x, y) -> (archs run, their losses)
+    params: Callable = supernet_params  # (st) -> what its optimizer trains
+    labels: bool = True             # False: the step is never given the labels
+    uses_pool: bool = False         # keeps CPT's constraint pool (logged as `pool` events)
+    probes: bool = True             # a rank probe means something during it
+    begin: Callable | None = None   # (st, phase, log, score) before a phase's first step
+    end: Callable | None = None     # (st, phase, last) after a phase's last step
+    after_step: Callable | None = None  # (st, archs) after each optimizer step
+    extras: Callable | None = None  # (st) -> extra fields of a progress event
+
+
+STAGES = {
+    "warmup": Stage(warmup_phases, warmup_step, end=keep_warmup_net),
+    "spos": Stage(scaled, sampled_step),
+    "ps_depth": Stage(scaled, sampled_step),
+    "ps_width": Stage(scaled, sampled_step),
+    "aps_depth": Stage(scaled, sampled_step),
+    "aps_width": Stage(scaled, sampled_step),
+    "cpt": Stage(scaled, cpt_step, uses_pool=True),
+    "sse4": Stage(scaled, sse_step, uses_pool=True, begin=begin_sse, end=end_sse),
+    "sse34": Stage(scaled, sse_step, uses_pool=True, begin=begin_sse, end=end_sse),
+    # no classifier is trained: a rank probe there would measure noise
+    "pinas": Stage(pinas_phases, pinas_step, params=pinas_params, labels=False, probes=False,
+                   begin=begin_pinas, end=end_pinas, after_step=update_mean_teacher,
+                   extras=queue_fields),
+    "linear_head": Stage(linear_head_phases, linear_head_step, params=classifier_params),
+}
+METHODS = {"full": ("warmup", "aps_depth", "aps_width", "cpt", "sse34"),
+           "spos": ("warmup", "spos"),
+           "ps": ("warmup", "ps_depth", "ps_width"),
+           "pinas": ("pinas", "linear_head"),
+           # labels only after Π-NAS; the warm-up then makes SSE's distillation teacher
+           "pinas_full": ("pinas", "warmup", "aps_depth", "aps_width", "cpt", "sse34")}
+APS_VERSIONS = ("v1", "v2", "v3")
+
+
+def stage_phases(stage: str, preset: Preset, aps: str = "v3") -> list[Phase]:
+    """The phases of one stage: the paper's K and sampling spaces, its epochs and lrs scaled by
+    the preset (the warm-up, Π-NAS and its linear head: the preset's own)."""
+    if stage not in STAGES:
+        raise ValueError(f"unknown stage {stage!r}; stages are {', '.join(STAGES)}")
+    return STAGES[stage].phases(stage, preset, aps)
+
+
+def check_stages(stages) -> tuple[str, ...]:
+    """The stage list as a tuple; ValueError naming what cannot run."""
+    stages = tuple(stages)
+    unknown = [s for s in stages if s not in STAGES]
+    if unknown or not stages:
+        raise ValueError(f"unknown stage {unknown[0] if unknown else ''!r}; "
+                         f"stages are {', '.join(STAGES)}")
+    if {"sse4", "sse34"} <= set(stages):
+        raise ValueError("sse4 and sse34 are two ways to split one supernet: "
+                         "a run takes one of them")
+    return stages
