@@ -88,13 +88,24 @@ def resize(images: torch.Tensor, size: int) -> torch.Tensor:
 
 # ---------------------------------------------------------------- on-device data
 
+def to_device(x: torch.Tensor, device) -> torch.Tensor:
+    """A host tensor on `device`: on a GPU through pinned memory and without waiting (a copy
+    from pageable memory would make the host wait for it); on the CPU, itself."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return x
+    return x.pin_memory().to(device, non_blocking=True)
+
+
 class TensorData:
     """A small dataset kept whole on the training device as uint8, augmented there in batches
     (random crop with zero padding, horizontal flip): no per-image DataLoader work."""
 
-    def __init__(self, train_x, train_y, test_x, test_y, device, pad: int):
+    def __init__(self, train_x, train_y, test_x, test_y, device, pad: int,
+                 channels_last: bool | None = None):
         self.device = torch.device(device)
         self.pad = pad
+        self.channels_last = self.device.type == "cuda" if channels_last is None else channels_last
         self.train_x = train_x.to(self.device)
         self.train_y = train_y.to(self.device)
         self.test_x = test_x.to(self.device)
@@ -108,7 +119,7 @@ class TensorData:
 
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
         x = (x.float().div_(255) - self.mean) / self.std
-        return x.contiguous(memory_format=torch.channels_last) if x.is_cuda else x
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
 
     def train_batch(self, key: int, step: int, batch_size: int, part=(0, 1)):
         """Batch `step` of the order that `key` sets; `part` = (rank, world size) takes that
@@ -118,7 +129,7 @@ class TensorData:
         if self._perm_key != (key, epoch):
             g = torch.Generator().manual_seed(mix_seed(key, epoch))
             self._perm_key = (key, epoch)
-            self._perm = torch.randperm(n, generator=g).to(self.device)
+            self._perm = to_device(torch.randperm(n, generator=g), self.device)
         idx = self._perm[i * batch_size:(i + 1) * batch_size]
         g = torch.Generator().manual_seed(mix_seed(key, epoch, i, 1))
         share = batch_part(len(idx), part)
@@ -126,11 +137,13 @@ class TensorData:
         return self.normalize(x), self.train_y[idx][share]
 
     def augment(self, x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+        """Random crop and flip; the draws are made on the host (the same on every device, so a
+        GPU run sees the images a CPU run sees) and reach the device without a sync."""
         b, c, h, w = x.shape
         dev, p = x.device, self.pad
-        oy = torch.randint(0, 2 * p + 1, (b, 1), generator=g).to(dev, non_blocking=True)
-        ox = torch.randint(0, 2 * p + 1, (b, 1), generator=g).to(dev, non_blocking=True)
-        flip = (torch.rand(b, 1, generator=g) < 0.5).to(dev, non_blocking=True)
+        oy = to_device(torch.randint(0, 2 * p + 1, (b, 1), generator=g), dev)
+        ox = to_device(torch.randint(0, 2 * p + 1, (b, 1), generator=g), dev)
+        flip = to_device(torch.rand(b, 1, generator=g) < 0.5, dev)
         rows = oy + torch.arange(h, device=dev)
         cols = ox + torch.arange(w, device=dev)
         cols = torch.where(flip, cols.flip(1), cols)
@@ -175,7 +188,8 @@ class FolderData:
     """ImageNet-style folders (`train/`, `val/` of class sub-folders) through torchvision's
     ImageFolder and a DataLoader with workers: too large to keep on the device."""
 
-    def __init__(self, root: Path, image_size: int, device, workers: int = 8):
+    def __init__(self, root: Path, image_size: int, device, workers: int = 8,
+                 channels_last: bool | None = None):
         import torchvision.transforms as T
         from torchvision.datasets import ImageFolder
         if not (root / "train").is_dir() or not (root / "val").is_dir():
@@ -183,6 +197,7 @@ class FolderData:
                             "with one sub-folder per class")
         norm = T.Normalize(IMAGENET_MEAN, IMAGENET_STD)
         self.device = torch.device(device)
+        self.channels_last = self.device.type == "cuda" if channels_last is None else channels_last
         self.mean = torch.tensor(IMAGENET_MEAN)  # what an exported net normalizes with
         self.std = torch.tensor(IMAGENET_STD)
         self.workers = workers
@@ -202,7 +217,7 @@ class FolderData:
 
     def _to_device(self, x, y):
         x = x.to(self.device, non_blocking=True)
-        x = x.contiguous(memory_format=torch.channels_last) if x.is_cuda else x
+        x = x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
         return x, y.to(self.device, non_blocking=True)
 
     def train_batch(self, key: int, step: int, batch_size: int, part=(0, 1)):
@@ -249,13 +264,15 @@ def crop_pad(dataset: str, image_size: int) -> int:
     return max(1, round(pad * image_size / native))
 
 
-def load_data(preset, device, data_dir: Path | None = None, seed: int = 0):
-    """The preset's dataset on `device`; DataError with the way to get it when it is missing."""
+def load_data(preset, device, data_dir: Path | None = None, seed: int = 0,
+              channels_last: bool | None = None):
+    """The preset's dataset on `device`; DataError with the way to get it when it is missing.
+    Batches are channels_last where `channels_last` says (None: on a GPU)."""
     if preset.dataset == "imagenet":
         if data_dir is None:
             raise DataError("the paper preset needs ImageNet: "
                             "pass --data-dir holding train/ and val/")
-        return FolderData(data_dir, preset.image_size, device)
+        return FolderData(data_dir, preset.image_size, device, channels_last=channels_last)
     if preset.dataset == "fashion-mnist":
         tx, ty, vx, vy = fashion_mnist(data_dir)
     elif preset.dataset in ("cifar10", "cifar100"):
@@ -267,4 +284,5 @@ def load_data(preset, device, data_dir: Path | None = None, seed: int = 0):
         keep = torch.randperm(len(ty), generator=g)[:preset.train_subset]
         tx, ty = tx[keep], ty[keep]
     tx, vx = resize(tx, preset.image_size), resize(vx, preset.image_size)
-    return TensorData(tx, ty, vx, vy, device, crop_pad(preset.dataset, preset.image_size))
+    return TensorData(tx, ty, vx, vy, device, crop_pad(preset.dataset, preset.image_size),
+                      channels_last)

@@ -7,6 +7,12 @@ One-Shot NAS", Sec. 3.1: 50 x 256), then measures top-1 on the held-out split. T
 never copied: statistics are written into the sliced running buffers, which the next arch's
 calibration overwrites again. Where SSE split the supernet, each arch is evaluated with the
 sub-supernet that owns it (sse.SubSupernets).
+
+Reference ("Sec." above):
+- "Improving the Rank Consistency of One-Shot NAS: Collaborative Solution to Multi-Model
+  Forgetting and Unfair Gradient Descent", Zhang et al., OPPO Research, 2nd place of the
+  CVPR 2022 lightweight-NAS challenge, supernet track (the text: ../shared/seeds/;
+  https://arxiv.org/search/?query=Improving+the+Rank+Consistency+of+One-Shot+NAS&searchtype=title)
 """
 
 import platform

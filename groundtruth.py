@@ -25,7 +25,8 @@ import parallel
 import supernet
 from data import crop_pad, mix_seed
 from evaluate import heldout_metrics
-from presets import Preset, TrainingError, autocast, lr_at, replace_atomically, write_json_atomic
+from presets import (Preset, TrainingError, autocast, channels_last, lr_at, precision_name,
+                     replace_atomically, write_json_atomic)
 from report import METRICS, noise_ceiling
 
 # ---------------------------------------------------------------- the recipe
@@ -51,9 +52,9 @@ def recipe_settings(preset: Preset, device) -> dict:
     """
     device = torch.device(device)
     if device.type == "cpu":
-        where = f"cpu fp32, {torch.get_num_threads()} threads"
+        where = f"cpu {precision_name(device)}, {torch.get_num_threads()} threads"
     else:
-        where = "cuda bf16 autocast"
+        where = f"cuda {precision_name(device)}"
     pad = crop_pad(preset.dataset, preset.image_size)
     return {"dataset": preset.dataset, "image_size": preset.image_size,
             "in_channels": preset.in_channels, "num_classes": preset.num_classes,
@@ -98,7 +99,7 @@ def train_static(net: nn.Module, preset: Preset, data, seed: int, epochs: float,
     times along the way.
     """
     device = data.device
-    if device.type == "cuda":
+    if channels_last(device):
         net = net.to(memory_format=torch.channels_last)
     opt = torch.optim.SGD(net.parameters(), lr=preset.gt_lr, momentum=GT_MOMENTUM,
                           nesterov=GT_NESTEROV, weight_decay=GT_WEIGHT_DECAY)

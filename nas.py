@@ -161,7 +161,7 @@ def load_dataset(preset: presets.Preset, device: str, data_dir: Path | None):
         die(f"--data-dir {data_dir} is not a folder")
     presets.set_threads(preset)
     try:
-        return load_data(preset, device, data_dir)
+        return load_data(preset, device, data_dir, channels_last=presets.channels_last(device))
     except DataError as e:
         die(str(e))
 
@@ -293,6 +293,30 @@ def ground_truth(run_dir: Path, preset: presets.Preset, data, log, n: int, seeds
         die(str(e), 1)
 
 
+def side_by_side_command(name: str, preset: presets.Preset, seed: int,
+                         data_dir: Path | None) -> list[str]:
+    """`nas.py groundtruth` for run `name` under torchrun, `preset.gt_processes` processes on
+    one GPU (processes sharing a card talk through gloo: parallel.start)."""
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone",
+            f"--nproc_per_node={preset.gt_processes}", str(Path(__file__).resolve()),
+            "groundtruth", "--preset", preset.name, "--name", name, "--seed", str(seed),
+            "--device", "cuda", *(["--data-dir", str(data_dir)] if data_dir else [])]
+
+
+def ground_truth_side_by_side(name: str, preset: presets.Preset, seed: int,
+                              data_dir: Path | None) -> None:
+    """Stand-alone nets are too small to fill a GPU one at a time: train the run's ground truth
+    in `preset.gt_processes` processes side by side (each takes archs i = r mod n), into the
+    run's groundtruth.json, where `all` then finds every net. A net already there is not
+    trained again, so a run killed here goes on with --resume."""
+    say(f"ground truth: {preset.gt_n} archs x {preset.gt_seeds} seeds in "
+        f"{preset.gt_processes} processes on the GPU")
+    code = subprocess.run(side_by_side_command(name, preset, seed, data_dir)).returncode
+    if code:
+        die(f"the ground truth's processes stopped (exit code {code}); the nets they finished "
+            "are kept: run again with --resume", code)
+
+
 def trained_state(run_dir: Path, config: dict, device: str) -> trainer.TrainState:
     st = trainer.state_from_config(config, device)
     ckpt = trainer.last_checkpoint(run_dir)
@@ -338,9 +362,10 @@ def print_summary(results: dict, report: Path) -> None:
 
 # ---------------------------------------------------------------- commands
 
-PresetOpt = typer.Option("cifar", help="tiny (CPU smoke run), small (CPU rank evidence), cifar "
-                                       "(one GPU), fashion (cifar's budget on Fashion-MNIST) or "
-                                       "paper (ImageNet)")
+PresetOpt = typer.Option("cifar", help="smoke (seconds, tests), tiny (CPU smoke run), small (CPU "
+                                       "rank evidence), gpu (all in ~6 min on one GPU), cifar "
+                                       "(one GPU, an hour), fashion (cifar's budget on "
+                                       "Fashion-MNIST) or paper (ImageNet)")
 NameOpt = typer.Option(..., "--name", "-r", help="run name: runs/NAME")
 StagesOpt = typer.Option(None, help="comma-separated stages to run instead of the method's: "
                                     f"{', '.join(STAGES)}")
@@ -494,6 +519,8 @@ def all_(preset: str = PresetOpt,
     log("run_start", run=name, preset=p.name, stages=list(chosen), seed=seed, resumed=resume,
         world_size=parallel.world_size())
     log("plan", phases=trainer.phase_plan(p, chosen, aps, data.train_size))
+    if p.gt_processes > 1 and device == "cuda" and parallel.world_size() == 1:
+        ground_truth_side_by_side(name, p, seed, data_dir)
     truth, ceiling = ground_truth(run_dir, p, data, log, p.gt_n, p.gt_seeds, seed)
     st = train_run(run_dir, config, data, device, log, evaluate.make_probe(p, data, truth))
     accs = evaluate.evaluate_run(st, data, [supernet.decode(c) for c in truth], log)

@@ -174,8 +174,3 @@ def differing_ranks(text: str) -> list[int]:
     parts = [torch.zeros_like(own) for _ in range(world_size())]
     dist.all_gather(parts, own)
     return [r for r, p in enumerate(parts) if p.item() != parts[0].item()]
-
-
-def barrier() -> None:
-    if world_size() > 1:
-        dist.barrier()

@@ -1,7 +1,8 @@
 """Π-NAS: cross-path learning with a nontrivial mean teacher, without labels.
 
-"Π-NAS: Neural Architecture Search by Cross-Path Learning and Mean Teacher with Negative
-Samples" (Peng et al., ICCV 2021), on this repository's supernet. Two claims, two mechanisms:
+"Pi-NAS: Improving Neural Architecture Search by Reducing Supernet Training Consistency Shift"
+(Peng et al., ICCV 2021; code https://github.com/Ernie1/Pi-NAS), on this repository's
+supernet. Two claims, two mechanisms:
 
 - *feature shift*: a hidden layer's input distribution varies with the path sampled before it.
   Cross-path learning pulls the features of two paths that differ in every choice toward each
@@ -13,6 +14,8 @@ Samples" (Peng et al., ICCV 2021), on this repository's supernet. Two claims, tw
 `PiNAS` holds what this needs besides the supernet, the way MoCo's builder holds its encoders
 and queue: the projector, the mean teacher and the queue, with the step's loss and the
 teacher's update. Our readings where the paper is silent are said where they are made.
+The queue, the momentum encoder and the augmentations follow MoCo v2 (Chen et al., "Improved
+Baselines with Momentum Contrastive Learning", 2020, https://arxiv.org/abs/2003.04297).
 """
 
 import math
@@ -25,8 +28,8 @@ import torch.nn.functional as F
 
 import parallel
 import supernet
-from data import mix_seed
-from presets import autocast
+from data import mix_seed, to_device
+from presets import autocast, channels_last
 
 DIM = 128           # projector output
 TEMPERATURE = 0.2   # InfoNCE
@@ -111,9 +114,9 @@ def contrastive_views(x: torch.Tensor, n: int, g: torch.Generator) -> list[torch
     contrast = torch.empty(m).uniform_(0.6, 1.4, generator=g)
     shift = torch.empty(m).uniform_(-0.4, 0.4, generator=g)
     gray = (torch.rand(m, generator=g) < 0.2).float()
-    # every random number is drawn on the host, then copied to the device once
-    params = torch.stack([w * flip, zero, cx, zero, h, cy, contrast, shift, gray], 1)
-    params = params.to(x.device, non_blocking=True)
+    # every random number is drawn on the host, then copied to the device once, without a sync
+    params = to_device(torch.stack([w * flip, zero, cx, zero, h, cy, contrast, shift, gray], 1),
+                       x.device)
     theta = params[:, :6].view(m, 2, 3)
     contrast, shift, gray = params[:, 6:, None, None, None].unbind(1)
     xs = x.float().repeat(n, 1, 1, 1)
@@ -122,15 +125,20 @@ def contrastive_views(x: torch.Tensor, n: int, g: torch.Generator) -> list[torch
     if x.shape[1] == 3:
         out = torch.lerp(out, out.mean(1, keepdim=True).expand_as(out), gray)
     out = out * contrast + shift
-    if out.is_cuda:
+    if channels_last(out.device):
         out = out.contiguous(memory_format=torch.channels_last)
     return list(out.chunk(n))
 
 
 def info_nce(q: torch.Tensor, k: torch.Tensor, negatives: torch.Tensor) -> torch.Tensor:
-    """-log of the positive's softmax share against the queue's negatives, temperature 0.2."""
-    logits = torch.cat([(q * k).sum(1, keepdim=True), q @ negatives.T], 1) / TEMPERATURE
-    return F.cross_entropy(logits, torch.zeros(len(q), dtype=torch.long, device=q.device))
+    """-log of the positive's softmax share against the queue's negatives, temperature 0.2, in
+    fp32 also under autocast (bf16 similarities of unit vectors are off by up to 0.004, a
+    softmax at temperature 0.2 of thousands of them is not)."""
+    with torch.autocast(q.device.type, enabled=False):
+        q, k, negatives = q.float(), k.float(), negatives.float()
+        logits = torch.cat([(q * k).sum(1, keepdim=True), q @ negatives.T], 1) / TEMPERATURE
+        target = torch.zeros(len(q), dtype=torch.long, device=q.device)
+        return F.cross_entropy(logits, target)
 
 
 def used_slices(net: supernet.Supernet, arch: supernet.Arch) -> list[tuple[str, int, int]]:
@@ -185,7 +193,7 @@ class PiNAS:
         teacher keys, gathered from every rank so that all push the same."""
         q0, k0, q1, k1 = contrastive_views(x, 4, g)
         a, b = sample_path_pair(rng, depths, widths)
-        perm = torch.randperm(len(x), generator=g).to(x.device)
+        perm = to_device(torch.randperm(len(x), generator=g), x.device)
         negatives = self.queue.vectors
         with autocast(x.device):
             with torch.no_grad():

@@ -6,6 +6,13 @@ with Diversity Maximization", Zhang et al., CVPR 2020): a small set of archs kep
 possible, whose losses join every step's, so that training the sampled arch does not undo what
 the shared weights learned for the others. Diversity is measured with the paper's Eq. 2, the
 summed difference of width codes (`supernet.distances`).
+
+References ("Sec.", "Eq." above are the first one's):
+- "Improving the Rank Consistency of One-Shot NAS: Collaborative Solution to Multi-Model
+  Forgetting and Unfair Gradient Descent", Zhang et al., OPPO Research, 2nd place of the
+  CVPR 2022 lightweight-NAS challenge, supernet track (the text: ../shared/seeds/;
+  https://arxiv.org/search/?query=Improving+the+Rank+Consistency+of+One-Shot+NAS&searchtype=title)
+- NSAS: https://www.paperswithcode.com/paper/overcoming-multi-model-forgetting-in-one-shot
 """
 
 import math

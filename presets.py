@@ -54,6 +54,7 @@ class Preset:
     checkpoint_every: int = 500
     queue_size: int = 65536       # Π-NAS negatives (MoCo's size; small datasets need fewer)
     cpu_threads: int = 0          # torch threads on CPU (0: torch's default); results depend on it
+    gt_processes: int = 1         # on a GPU: stand-alone nets trained side by side (torchrun)
 
     @property
     def shape(self) -> supernet.NetShape:
@@ -93,9 +94,41 @@ CIFAR = Preset(
     calib_batches=8, calib_batch_size=250, gt_epochs=8, gt_lr=0.2, gt_n=50,
     probe_every=200, probe_calib_batches=4, probe_eval_images=2000, queue_size=4096)
 
+# Seconds on a CPU: every stage a step or two, 4 ground-truth archs x 2 seeds of a few steps;
+# for tests and the dry run of bench/gpu_check.sh. Its numbers mean nothing.
+SMOKE = Preset(
+    name="smoke", dataset="fashion-mnist", image_size=28, in_channels=1, num_classes=10,
+    width_mult=0.125, divisor=2, batch_size=32, epoch_scale=0.0125, lr_scale=10,
+    warmup_epochs=0.125, warmup_lr=0.1, train_subset=512, eval_subset=256,
+    calib_batches=2, calib_batch_size=64, gt_epochs=0.25, gt_lr=0.05, gt_batch_size=32, gt_n=4,
+    probe_every=0, probe_calib_batches=1, probe_eval_images=128, log_every=2,
+    checkpoint_every=50, queue_size=128)
+
+# The whole experiment in one sitting on one H100/H200 (a lent GPU has 15 minutes in all;
+# `all` is meant for <= 6): all 60,000 Fashion-MNIST images from --data-dir at 14 px, the
+# stand-alone recipe of `small` (the one measured on CPU to rank capacity, bench/gt_recipe.py)
+# for 50 archs x 2 seeds, 8 of them side by side (gt_processes: each is a torchrun process
+# sharing the card; these nets are too small to fill it one at a time).
+# Cost model (README "The gpu preset"): these nets are launch-bound, not FLOP-bound. A step of
+# a mid-sized arch is about 400 kernels (23 blocks at most, ~24 ops each forward and
+# backward, plus SGD and the EMA); at ~10 us of eager dispatch each that is ~4 ms whatever the
+# FLOPs (a 14 px, x0.125 net is ~6 MFLOPs an image: 256 images x 3 x 6 MFLOPs = 5 GFLOPs a
+# step, under 1 ms on an H100). 12 epochs are 2,812 steps: ~11 s a net, 100 nets ~19 min in
+# one process, ~2.5 min in 8 if the card interleaves their kernels. The supernet: ~3,000
+# steps of K = 4 to 11 paths, ~3.5 ms a path: ~80 s; evaluation and the search ~20 s.
+GPU = Preset(
+    name="gpu", dataset="fashion-mnist", image_size=14, in_channels=1, num_classes=10,
+    width_mult=0.125, divisor=2, batch_size=256, epoch_scale=0.1, lr_scale=10,
+    warmup_epochs=4, warmup_lr=0.1, calib_batches=10, calib_batch_size=256,
+    gt_epochs=12, gt_lr=0.1, gt_batch_size=256, gt_label_smoothing=0.1, gt_n=50,
+    probe_every=0, probe_calib_batches=2, probe_eval_images=2000, log_every=50,
+    checkpoint_every=1000, queue_size=4096, gt_processes=8)
+
 PRESETS = {
+    "smoke": SMOKE,
     "tiny": TINY,
     "small": SMALL,
+    "gpu": GPU,
     "cifar": CIFAR,
     # cifar's budget on Fashion-MNIST (60,000 images), for GPU machines that cannot download
     # CIFAR: carry the four .gz files and pass --data-dir.
@@ -152,9 +185,36 @@ def pick_device(name: str) -> str:
     return name
 
 
+# Test-only: the GPU's precision and memory layout on the CPU (bf16 autocast, channels_last),
+# so that a dtype or layout mistake of the CUDA path shows on a machine without a GPU.
+CUDA_PATH_ON_CPU = os.environ.get("NAS_CUDA_PATH_ON_CPU") == "1"
+
+
+def amp_dtype(device) -> torch.dtype | None:
+    """What autocast computes in: bf16 on a GPU that has it; None (fp32) on one that has not
+    (pre-Ampere cards: fp16 would need a gradient scaler in every step, fp32 is only slower)
+    and on the CPU, unless NAS_CUDA_PATH_ON_CPU=1."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
+    return torch.bfloat16 if CUDA_PATH_ON_CPU else None
+
+
+def channels_last(device) -> bool:
+    """Whether nets and batches use the channels_last layout (what cuDNN's convs want)."""
+    return torch.device(device).type == "cuda" or CUDA_PATH_ON_CPU
+
+
 def autocast(device):
-    """bf16 autocast on a GPU, nothing on the CPU."""
-    return torch.autocast("cuda", torch.bfloat16, enabled=torch.device(device).type == "cuda")
+    """Mixed precision as `amp_dtype` says; a no-op context where it says fp32."""
+    device = torch.device(device)
+    dtype = amp_dtype(device)
+    return torch.autocast(device.type, dtype or torch.float32, enabled=dtype is not None)
+
+
+def precision_name(device) -> str:
+    """"bf16 autocast" or "fp32", for the ground truth's recipe key and tables."""
+    return "bf16 autocast" if amp_dtype(device) == torch.bfloat16 else "fp32"
 
 
 def lr_at(step: int, steps: int, base: float) -> float:

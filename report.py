@@ -12,6 +12,7 @@ import warnings
 from pathlib import Path
 
 import numpy as np
+import scipy
 import scipy.stats
 
 import supernet
@@ -32,6 +33,16 @@ def _spearman(a, b):
 
 
 METRICS = {"pearson": _pearson, "kendall": _kendall, "spearman": _spearman}
+# scipy.stats.bootstrap takes its generator as `rng` from scipy 1.15 on, as `random_state`
+# before (and warns about that name after): the same generator either way.
+SCIPY_VERSION = tuple(int(v) for v in scipy.__version__.split(".")[:2])
+SEED_ARGUMENT = "rng" if SCIPY_VERSION >= (1, 15) else "random_state"
+
+
+def bootstrap_seed(seed: int) -> dict:
+    return {SEED_ARGUMENT: np.random.default_rng(seed)}
+
+
 N_BOOT = 1000  # bootstrap resamples behind every interval
 
 
@@ -50,7 +61,7 @@ def rank_metrics(pred, truth, n_boot: int | None = None, seed: int = 0) -> dict:
             if n_boot and len(pred) > 2:
                 boot = scipy.stats.bootstrap((pred, truth), fn, paired=True, vectorized=False,
                                              n_resamples=n_boot, method="percentile",
-                                             rng=np.random.default_rng(seed))
+                                             **bootstrap_seed(seed))
                 bounds = np.nanpercentile(boot.bootstrap_distribution, [2.5, 97.5])
                 out[f"{name}_ci"] = [float(v) for v in bounds]
     return out
@@ -69,7 +80,7 @@ def paired_difference(pred_a, pred_b, truth, n_boot: int | None = None, seed: in
             out[name] = float(fn(a, t) - fn(b, t))
             boot = scipy.stats.bootstrap((a, b, t), lambda a, b, t: fn(a, t) - fn(b, t),
                                          paired=True, vectorized=False, n_resamples=n_boot,
-                                         method="percentile", rng=np.random.default_rng(seed))
+                                         method="percentile", **bootstrap_seed(seed))
             bounds = np.nanpercentile(boot.bootstrap_distribution, [2.5, 97.5])
             out[f"{name}_ci"] = [float(v) for v in bounds]
     return out

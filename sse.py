@@ -6,6 +6,14 @@ weights with pull those weights their own way. SSE splits the trained supernet i
 sub-supernets, copies of its weights, each fine-tuned only on the archs of one region of
 (stage-3 depth, stage-4 depth), with distillation from a strong full net ("Dis"); an arch is
 then evaluated with the copy that owns its region. The SSE loss itself is `stages.sse_step`.
+SSE is few-shot NAS's idea (Zhao et al., "Few-shot Neural Architecture Search", ICML 2021,
+https://arxiv.org/abs/2006.06863) of splitting one supernet into several, split here by depth.
+
+Reference ("Sec." above):
+- "Improving the Rank Consistency of One-Shot NAS: Collaborative Solution to Multi-Model
+  Forgetting and Unfair Gradient Descent", Zhang et al., OPPO Research, 2nd place of the
+  CVPR 2022 lightweight-NAS challenge, supernet track (the text: ../shared/seeds/;
+  https://arxiv.org/search/?query=Improving+the+Rank+Consistency+of+One-Shot+NAS&searchtype=title)
 """
 
 from contextlib import contextmanager

@@ -18,6 +18,16 @@ the stage `pinas`, unsupervised, with `linear_head` to rank its archs by top-1 a
 Every phase restarts its learning rate, warms up linearly and decays by cosine to 0
 (presets.lr_at). In each step, K subnets are sampled and each does forward + backward on the
 same batch; the gradients add up, then the optimizer takes one step.
+
+References ("Sec.", "Eq." below are the first one's):
+- "Improving the Rank Consistency of One-Shot NAS: Collaborative Solution to Multi-Model
+  Forgetting and Unfair Gradient Descent", Zhang et al., OPPO Research, 2nd place of the
+  CVPR 2022 lightweight-NAS challenge, supernet track (the text: ../shared/seeds/;
+  https://arxiv.org/search/?query=Improving+the+Rank+Consistency+of+One-Shot+NAS&searchtype=title)
+- SPOS: Guo et al., ECCV 2020, https://arxiv.org/abs/1904.00420
+- once-for-all (progressive shrinking): Cai et al., ICLR 2020, https://arxiv.org/abs/1908.09791
+- NSAS (the constraint pool): Zhang et al., CVPR 2020, see pool.py
+- Π-NAS: see pinas.py
 """
 
 from dataclasses import dataclass, replace
@@ -230,7 +240,7 @@ def linear_head_step(st, phase: Phase, x, y):
     with autocast(x.device):
         with torch.no_grad(), bn_momentum(st.net, 0.0):
             f = st.net.features(x, arch)
-        logits = F.linear(f, st.net.fc.weight[:, :f.shape[1]], st.net.fc.bias)
+        logits = supernet.classify(f, st.net.fc.weight[:, :f.shape[1]], st.net.fc.bias)
         loss = F.cross_entropy(logits, y)
     loss.backward()
     return [arch], [loss.detach()]

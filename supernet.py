@@ -15,6 +15,12 @@ of a stage are equal, and stage 1 has no projection, so its conv2 code equals th
 The supernet holds one max-size weight per layer; a subnet uses the first c channels of each
 and the first d blocks of each stage. `extract_subnet` copies those slices into a plain static
 network, which must compute exactly what the supernet computes for that arch.
+
+Reference ("Eq. 2" above is its arch distance):
+- "Improving the Rank Consistency of One-Shot NAS: Collaborative Solution to Multi-Model
+  Forgetting and Unfair Gradient Descent", Zhang et al., OPPO Research, 2nd place of the
+  CVPR 2022 lightweight-NAS challenge, supernet track (the text: ../shared/seeds/;
+  https://arxiv.org/search/?query=Improving+the+Rank+Consistency+of+One-Shot+NAS&searchtype=title)
 """
 
 import random
@@ -242,6 +248,17 @@ def _stem_geometry(shape: NetShape):
 
 # ---------------------------------------------------------------- the supernet
 
+def classify(f: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """The classifier, in fp32 also under bf16 autocast: an argmax or a softmax of bf16 logits
+    (8 bits of mantissa) turns near-ties into ties and rounds the tails. It is one small
+    matmul; everything before it stays in the autocast's precision."""
+    kind = f.device.type
+    if kind not in ("cpu", "cuda") or not torch.is_autocast_enabled(kind):
+        return F.linear(f, weight, bias)
+    with torch.autocast(kind, enabled=False):
+        return F.linear(f.float(), weight.float(), bias.float())
+
+
 class SlicedConvBN(nn.Module):
     """A conv + BN pair at its widest; a subnet uses the first `cout` filters on the first
     `x.shape[1]` input channels, and the first `cout` BN parameters and running statistics
@@ -298,7 +315,7 @@ class Supernet(nn.Module):
 
     def forward(self, x: torch.Tensor, arch: Arch) -> torch.Tensor:
         f = self.features(x, arch)
-        return F.linear(f, self.fc.weight[:, :f.shape[1]], self.fc.bias)
+        return classify(f, self.fc.weight[:, :f.shape[1]], self.fc.bias)
 
 
 # ---------------------------------------------------------------- static subnets
@@ -343,7 +360,7 @@ class StaticNet(nn.Module):
         return torch.flatten(F.adaptive_avg_pool2d(x, 1), 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(self.features(x))
+        return classify(self.features(x), self.fc.weight, self.fc.bias)
 
 
 def _copy_conv_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d, src: SlicedConvBN):

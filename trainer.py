@@ -22,8 +22,8 @@ import supernet
 from data import mix_seed
 from pinas import PiNAS
 from pool import ConstraintPool
-from presets import (Preset, TrainingError, config_diff, lr_at, preset_from_config,
-                     replace_atomically, run_config)
+from presets import (Preset, TrainingError, channels_last, config_diff, lr_at,
+                     preset_from_config, replace_atomically, run_config)
 from sse import SubSupernets
 from stages import STAGES, Phase, check_stages, phase_length, stage_phases
 
@@ -101,7 +101,7 @@ def new_state(preset: Preset, stages, seed: int, device, aps: str = "v3",
     stages = check_stages(stages)
     torch.manual_seed(seed)
     net = supernet.Supernet(preset.shape).to(device)
-    if torch.device(device).type == "cuda":
+    if channels_last(device):
         net = net.to(memory_format=torch.channels_last)
     return TrainState(preset, stages, seed, aps, kd, net, rng=random.Random(seed))
 

@@ -153,6 +153,8 @@ def main(device: str = typer.Option("cuda" if torch.cuda.is_available() else "cp
          all_preset: str = typer.Option(None, help="also time `nas.py all --preset NAME` "
                                                    "(a new run folder)"),
          data_dir: Path = typer.Option(None, help="--data-dir for that `nas.py all`"),
+         out: Path = typer.Option(None, help="the JSON to write (default: "
+                                             "bench/results/speed-<cpu|cuda>.json)"),
          seed: int = 0):
     """Training, evaluation and memory cost of the supernet versus static nets of the same archs."""
     for name in (preset, all_preset):
@@ -185,7 +187,8 @@ def main(device: str = typer.Option("cuda" if torch.cuda.is_available() else "cp
     t_static = statistics.median(r["static_s"] for r in rows)
     ratio = statistics.median(r["ratio"] for r in rows)
     name, threads = evaluate.machine_name(dev), torch.get_num_threads()
-    precision = "bf16 autocast, channels_last" if dev.type == "cuda" else "fp32"
+    precision = presets.precision_name(dev) + (", channels_last" if presets.channels_last(dev)
+                                               else "")
     typer.echo(f"{name}, {threads} threads, {precision}; preset {preset}: {s} px x{c}, "
                f"width x{p.width_mult}, batch {batch}, K {k}, median of {iters} steps per set")
     typer.echo(f"{'set':>3}  {'supernet ms':>11}  {'static ms':>9}  {'ratio':>5}")
@@ -226,10 +229,10 @@ def main(device: str = typer.Option("cuda" if torch.cuda.is_available() else "cp
         result["all"] = time_all(all_preset, device, data_dir)
         typer.echo(f"{result['all']['command']}: {result['all']['seconds']:.0f} s, "
                    f"exit code {result['all']['rc']}")
-    path = ROOT / "bench" / "results" / f"speed-{dev.type}.json"
+    path = out or ROOT / "bench" / "results" / f"speed-{dev.type}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=1))
-    typer.echo(f"wrote {path.relative_to(ROOT)}")
+    typer.echo(f"wrote {path}")
 
 
 if __name__ == "__main__":

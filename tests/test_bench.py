@@ -1,4 +1,5 @@
 import json
+import subprocess
 import sys
 from dataclasses import replace
 
@@ -108,3 +109,39 @@ def test_ablation_verdicts_give_the_paired_interval_and_flag_a_backwards_floor()
     assert "smaller is better, reaches 0.500" in text
     rows[0] = row("FLOPs", 0.1)
     assert "backwards" not in ablation.verdict_lines(verdicts, rows)
+
+
+GPU_CHECK_FILES = {"summary.txt", "tiny-results.json", "speed-gpu.json", "speed-cifar.json",
+                   "gpu-results.json", "gpu-report.md", "gpu-scatter.png", "rest.tar.gz"}
+
+
+def test_gpu_check_dry_run_runs_every_step_and_brings_back_eight_files(tmp_path, micro_data):
+    """The device check on the CPU (the smoke preset, the CUDA path emulated: bf16 autocast,
+    channels_last), which is also this suite's end-to-end run of `nas.py all`."""
+    import search
+    out = tmp_path / "out"
+    script = ROOT / "bench" / "gpu_check.sh"
+    done = subprocess.run(["bash", str(script), "--dry-run", "--out", str(out)], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert {p.name for p in out.iterdir()} == GPU_CHECK_FILES
+    summary = (out / "summary.txt").read_text()
+    steps = ["environment", "test-gpu", "all-smoke", "speed-gpu", "speed-cifar", "all-gpu"]
+    assert all(f"== {s}: exit code 0" in summary for s in steps), summary
+    results = json.loads((out / "tiny-results.json").read_text())
+    assert results["metrics"]["n"] == presets.SMOKE.gt_n == len(results["archs"])
+    assert {"seed_vs_seed", "ceiling"} <= results["noise_ceiling"].keys()
+    assert results["search"]["best"]["flops"] <= search.default_budget().flops
+    speed = json.loads((out / "speed-gpu.json").read_text())
+    assert speed["precision"] == "bf16 autocast, channels_last"  # the emulated CUDA path
+    assert (out / "gpu-scatter.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # `nas.py report` writes the report `all` wrote from the results alone
+    run = next((tmp_path / "runs").glob("check-smoke-*[0-9]"))
+    report = (run / "report.md").read_text()
+    assert "![supernet and FLOPs against the ground truth](scatter.png)" in report
+    assert "## Search" in report
+    (run / "report.md").unlink()
+    rewrite = subprocess.run([sys.executable, str(ROOT / "nas.py"), "report", "--name", run.name],
+                             cwd=tmp_path, capture_output=True, text=True)
+    assert rewrite.returncode == 0, rewrite.stderr
+    assert (run / "report.md").read_text() == report
