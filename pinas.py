@@ -157,9 +157,12 @@ class PiNAS:
     queue of negatives, around the student supernet `net`.
 
     Built once per Π-NAS stage, from the supernet as it is then; seeded apart from the global
-    RNG, so that a run resumed before this stage builds the same one."""
+    RNG, so that a run resumed before this stage builds the same one. `cross_path` False is
+    the control of bench/mechanisms.py: the same loss and steps, but each student path's
+    positive is the teacher's output on the same path, so only cross-path learning differs."""
 
-    def __init__(self, net: supernet.Supernet, queue_size: int, seed: int):
+    def __init__(self, net: supernet.Supernet, queue_size: int, seed: int,
+                 cross_path: bool = True):
         device = net.fc.weight.device
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(mix_seed(seed, 11))
@@ -169,6 +172,7 @@ class PiNAS:
         self.mean_teacher.requires_grad_(False)
         self.queue = NegativeQueue(queue_size, DIM, device, seed)
         self.seed = seed
+        self.cross_path = cross_path
 
     def teacher_keys(self, x: torch.Tensor, arch: supernet.Arch,
                      perm: torch.Tensor) -> torch.Tensor:
@@ -201,7 +205,8 @@ class PiNAS:
                 kb = self.teacher_keys(k1, b, perm)
             qa = self.projector(net.features(q0, a))
             qb = self.projector(net.features(q1, b))
-            loss = 0.5 * (info_nce(qa, kb, negatives) + info_nce(qb, ka, negatives))
+            pa, pb = (kb, ka) if self.cross_path else (ka, kb)  # the positives
+            loss = 0.5 * (info_nce(qa, pa, negatives) + info_nce(qb, pb, negatives))
         loss.backward()
         self.queue.push(parallel.gather_rows(F.normalize(ka + kb, dim=1)))
         return [a, b], [loss.detach()]
@@ -234,10 +239,11 @@ class PiNAS:
             t.lerp_(s, 1 - momentum)
 
     def state_dict(self) -> dict:
-        return {"projector": self.projector.state_dict(),
+        return {"projector": self.projector.state_dict(), "cross_path": self.cross_path,
                 "mean_teacher": self.mean_teacher.state_dict(), "queue": self.queue.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
+        self.cross_path = state["cross_path"]
         self.projector.load_state_dict(state["projector"])
         self.mean_teacher.load_state_dict(state["mean_teacher"])
         self.queue.load_state_dict(state["queue"])

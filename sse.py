@@ -32,6 +32,7 @@ REGIONS = {
               {(d3, 5) for d3 in range(2, 8)}],    # 3: the deepest stage 4
     "sse4": [{(d3, 2) for d3 in range(2, 9)},      # 0: d4 = 2
              {(d3, 5) for d3 in range(2, 9)}],     # 1: d4 = 5
+    "sse34_shared": [],  # the control without a split: the shared copy owns every arch
 }
 
 

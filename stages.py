@@ -95,6 +95,9 @@ SCHEDULE = {
     "sse4": [(9, 0.003, 1, ANY_DEPTH, ANY_WIDTH),
              (9, 0.003, 1, ANY_DEPTH, ANY_WIDTH)],
 }
+# Controls of the mechanisms bench (bench/mechanisms.py): SSE34's phases, regions and steps on
+# one unsplit copy, which separates what splitting gives from what the extra steps give.
+SHARED_CONTROLS = {"sse34_shared": "sse34"}
 PINAS_EPOCHS = 70       # Π-NAS from scratch: APS depth + width's 30 + 40 paper epochs
 PINAS_LR = 0.03         # MoCo's SGD lr at batch 256, scaled linearly with the batch (our reading)
 LINEAR_HEAD_LR = 0.03   # raw pooled features (norm ~8, one common mode) diverge above ~0.1
@@ -112,18 +115,25 @@ class Phase:
     depths: tuple = ANY_DEPTH     # (lo, hi) per stage
     widths: tuple = ANY_WIDTH
     sub: int | None = None        # SSE: the sub-supernet this phase trains
+    region: tuple = ()            # SSE: the (stage-3, stage-4 depth) pairs it samples from
 
     def space(self) -> dict:
         return {"depths": [list(r) for r in self.depths], "widths": [list(w) for w in self.widths]}
 
 
 def paper_phases(stage: str, aps: str = "v3") -> list[Phase]:
-    """A stage's phases as the paper gives them (SCHEDULE), unscaled."""
-    key = f"aps_depth_{aps}" if stage == "aps_depth" else stage
+    """A stage's phases as the paper gives them (SCHEDULE), unscaled. SSE's phases sample from
+    their region, and each trains its own sub-supernet; those of `sse34_shared` (SSE34 without
+    the split: the budget-matched control) all train the one shared copy."""
+    split = SHARED_CONTROLS.get(stage, stage)
+    key = f"aps_depth_{aps}" if stage == "aps_depth" else split
     rows = SCHEDULE[key]
-    sse = stage in ("sse4", "sse34")
-    return [Phase(stage, f"{stage}/{i}" if sse else f"{key}/{i + 1}" if len(rows) > 1 else key,
-                  e, lr, k, d, w, sub=i if sse else None)
+    if split in REGIONS:
+        return [Phase(stage, f"{stage}/{i}", e, lr, k, d, w,
+                      sub=None if stage in SHARED_CONTROLS else i,
+                      region=tuple(sorted(REGIONS[split][i])))
+                for i, (e, lr, k, d, w) in enumerate(rows)]
+    return [Phase(stage, f"{key}/{i + 1}" if len(rows) > 1 else key, e, lr, k, d, w)
             for i, (e, lr, k, d, w) in enumerate(rows)]
 
 
@@ -166,9 +176,9 @@ def ce_step(st, archs, x, y, weight: float = 1.0) -> list[torch.Tensor]:
 
 
 def sample_in(st, phase: Phase) -> supernet.Arch:
-    """An arch from the phase's space; in SSE, from the sub-supernet's region of (d3, d4)."""
-    if phase.sub is not None:
-        d3, d4 = st.rng.choice(sorted(REGIONS[phase.stage][phase.sub]))
+    """An arch from the phase's space; in SSE, from the phase's region of (d3, d4)."""
+    if phase.region:
+        d3, d4 = st.rng.choice(phase.region)
         return supernet.sample_arch(st.rng, ANY_DEPTH[:2] + ((d3, d3), (d4, d4)), phase.widths)
     return supernet.sample_arch(st.rng, phase.depths, phase.widths)
 
@@ -263,10 +273,10 @@ def begin_sse(st, phase: Phase, log, score) -> None:
         if st.kd and st.warmup_weights is not None:
             teacher = stronger_teacher(st.net, st.warmup_weights, score, log)
         st.sse = SubSupernets.split(phase.stage, st.net, st.pool.members, teacher)
-    st.sse.hold(st.net, phase.sub)
+    st.sse.hold(st.net, st.sse.shared if phase.sub is None else phase.sub)
     if st.step == 0:  # each sub-supernet's pool starts from the CPT members in its region
         members = [supernet.decode(c) for c in st.sse.cpt_members]
-        st.pool.members = [m for m in members if st.sse.owner(m) == phase.sub]
+        st.pool.members = [m for m in members if (m.depths[2], m.depths[3]) in phase.region]
         st.pool.recent.clear()  # and admits only its own samples, never the last stage's
     st.sse.build_teacher(st.preset.shape, st.device())
     if st.kd and st.sse.teacher is None:
@@ -282,7 +292,8 @@ def end_sse(st, phase: Phase, last: bool) -> None:
 
 def begin_pinas(st, phase: Phase, log, score) -> None:
     if st.pinas is None:
-        st.pinas = pinas.PiNAS(st.net, st.preset.queue_size, st.seed)
+        cross_path = phase.stage != "pinas_same_path"
+        st.pinas = pinas.PiNAS(st.net, st.preset.queue_size, st.seed, cross_path)
 
 
 def end_pinas(st, phase: Phase, last: bool) -> None:
@@ -340,10 +351,15 @@ STAGES = {
     "cpt": Stage(scaled, cpt_step, uses_pool=True),
     "sse4": Stage(scaled, sse_step, uses_pool=True, begin=begin_sse, end=end_sse),
     "sse34": Stage(scaled, sse_step, uses_pool=True, begin=begin_sse, end=end_sse),
+    "sse34_shared": Stage(scaled, sse_step, uses_pool=True, begin=begin_sse, end=end_sse),
     # no classifier is trained: a rank probe there would measure noise
     "pinas": Stage(pinas_phases, pinas_step, params=pinas_params, labels=False, probes=False,
                    begin=begin_pinas, end=end_pinas, after_step=update_mean_teacher,
                    extras=queue_fields),
+    # its control (bench/mechanisms.py): the same, with same-path positives
+    "pinas_same_path": Stage(pinas_phases, pinas_step, params=pinas_params, labels=False,
+                             probes=False, begin=begin_pinas, end=end_pinas,
+                             after_step=update_mean_teacher, extras=queue_fields),
     "linear_head": Stage(linear_head_phases, linear_head_step, params=classifier_params),
 }
 METHODS = {"full": ("warmup", "aps_depth", "aps_width", "cpt", "sse34"),
@@ -370,7 +386,7 @@ def check_stages(stages) -> tuple[str, ...]:
     if unknown or not stages:
         raise ValueError(f"unknown stage {unknown[0] if unknown else ''!r}; "
                          f"stages are {', '.join(STAGES)}")
-    if {"sse4", "sse34"} <= set(stages):
-        raise ValueError("sse4 and sse34 are two ways to split one supernet: "
-                         "a run takes one of them")
+    if len({"sse4", "sse34", "sse34_shared"} & set(stages)) > 1:
+        raise ValueError("sse4 and sse34 (and its control sse34_shared) are ways to split one "
+                         "supernet: a run takes one of them")
     return stages

@@ -167,7 +167,7 @@ def finished_run_begins(config: dict, phase_index: int, st: TrainState) -> bool:
     unused = {"stages"}
     if "aps_depth" not in stages:
         unused.add("aps")
-    if not {"sse4", "sse34"} & set(stages):
+    if not {"sse4", "sse34", "sse34_shared"} & set(stages):
         unused.add("kd")
     same_start = st.stages[:len(stages)] == stages
     return finished and same_start and set(config_diff(config, st.config())) <= unused

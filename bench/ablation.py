@@ -54,8 +54,10 @@ VARIANTS = {
     "Pi-NAS": (("pinas", "linear_head"), "v3", False, "Pi-NAS-pre"),
     "Pi-NAS+APS_v3+CPT+SSE34+Dis": (("pinas",) + APS + ("cpt", "sse34"), "v3", True, "Pi-NAS-pre"),
 }
-# chain links that are not variants themselves
-BASES = {"warm-up": (("warmup",), "v3", False, None), "Pi-NAS-pre": (("pinas",), "v3", False, None)}
+# chain links that are not variants themselves, and the controls of bench/mechanisms.py
+BASES = {"warm-up": (("warmup",), "v3", False, None), "Pi-NAS-pre": (("pinas",), "v3", False, None),
+         "+SSE34-shared": (APS + ("cpt", "sse34_shared"), "v3", False, "APS_v3+CPT"),
+         "Pi-NAS-same-path-pre": (("pinas_same_path",), "v3", False, None)}
 PAPER_PEARSON = {"PS": 0.79884, "APS_v2": 0.80141, "APS_v3": 0.80263, "APS_v3+CPT": 0.81415,
                  "+SSE4": 0.82166, "+SSE34": 0.83768, "+SSE34+Dis": 0.84652}
 

@@ -44,11 +44,11 @@ PY="${PYTHON:-python}"
 DATA_OPT=()
 [ -n "$DATA" ] && DATA_OPT=(--data-dir "$DATA")
 if [ "$DRY" = 1 ]; then
-  DEVICE=cpu SMOKE=smoke BIG=smoke CIFAR=smoke BIG_STAGES=(--stages warmup) TESTS="cuda"
+  DEVICE=cpu SMOKE=smoke BIG=smoke CIFAR=smoke TESTS="cuda"
   SPEED=(--iters 1 --sets 1 --eval-archs 2 --batch 16 --calib-images 128 --eval-images 256)
   export NAS_CUDA_PATH_ON_CPU=1
 else
-  DEVICE=cuda SMOKE=tiny BIG=gpu CIFAR=cifar BIG_STAGES=() TESTS="cuda" SPEED=()
+  DEVICE=cuda SMOKE=tiny BIG=gpu CIFAR=cifar TESTS="cuda" SPEED=()
 fi
 : > "$SUMMARY"
 
@@ -87,7 +87,10 @@ for i in range(torch.cuda.device_count()):
 # on the CPU every test skips (the suite runs their cpu-bf16 twins): the step itself is checked
 step test-gpu 90 "$PY" -m pytest -q -p no:cacheprovider "$ROOT/tests/test_gpu.py" -k "$TESTS"
 
-SMOKE_RUN="check-$SMOKE-$STAMP" BIG_RUN="check-$BIG-$STAMP-big"
+SMOKE_RUN="check-$SMOKE-$STAMP" BIG_RUN="check-$BIG-$STAMP-big" BIG_OPT=()
+# the dry run's stand-in for the big run: the smoke run again (--resume: its ground truth,
+# checkpoint and search are kept, so only evaluation and the report run), to save time
+[ "$DRY" = 1 ] && BIG_RUN="$SMOKE_RUN" BIG_OPT=(--resume)
 step all-smoke 150 "$PY" "$ROOT/nas.py" all --preset "$SMOKE" --device "$DEVICE" \
   --name "$SMOKE_RUN" --no-tui "${DATA_OPT[@]}"
 keep "$RUNS/$SMOKE_RUN/results.json" tiny-results.json
@@ -98,13 +101,13 @@ step speed-cifar 60 "$PY" "$ROOT/bench/speed.py" --device "$DEVICE" --preset "$C
   --out "$OUT/speed-cifar.json"
 
 step all-gpu 360 "$PY" "$ROOT/nas.py" all --preset "$BIG" --device "$DEVICE" --name "$BIG_RUN" \
-  --no-tui "${BIG_STAGES[@]}" "${DATA_OPT[@]}"
+  --no-tui "${BIG_OPT[@]}" "${DATA_OPT[@]}"
 RUN="$RUNS/$BIG_RUN"
 keep "$RUN/results.json" gpu-results.json
 keep "$RUN/report.md" gpu-report.md
 keep "$RUN/scatter.png" gpu-scatter.png
 
-tar czf "$OUT/rest.tar.gz" --exclude='*.pt' "$RUNS/$SMOKE_RUN" "$RUN" \
+tar czf "$OUT/rest.tar.gz" --exclude='*.pt' $(printf '%s\n' "$RUNS/$SMOKE_RUN" "$RUN" | sort -u) \
   "$OUT"/log-*.txt 2> /dev/null
 rm -f "$OUT"/log-*.txt
 say "== done: $(ls "$OUT" | tr '\n' ' ')"
