@@ -27,7 +27,7 @@ from data import crop_pad, mix_seed
 from evaluate import heldout_metrics
 from presets import (Preset, TrainingError, autocast, channels_last, lr_at, precision_name,
                      replace_atomically, write_json_atomic)
-from report import METRICS, noise_ceiling
+from report import METRICS, READINGS, noise_ceiling
 
 # ---------------------------------------------------------------- the recipe
 
@@ -40,6 +40,12 @@ GT_SCHEDULE = "linear warm-up over 5% of the steps, then cosine to 0"
 # window is this fraction of the steps: it smooths the last stretch of a short run, where
 # one seed's last batches would otherwise move an arch's accuracy by more than archs differ.
 GT_EMA_WINDOW = 0.1
+
+
+def reading_of(entry: dict, reading: str) -> float | None:
+    """An entry's value of `reading`, None where the net was trained before it was measured."""
+    value = entry.get(reading)
+    return None if value is None else READINGS[reading][1] * value
 
 
 def recipe_settings(preset: Preset, device) -> dict:
@@ -207,13 +213,15 @@ class GroundTruth:
     def key(arch: str, dataset: str, recipe: str, seed: int) -> str:
         return f"{arch}|{dataset}|{recipe}|{seed}"
 
-    def get(self, arch: str, dataset: str, recipe: str, seed: int) -> float | None:
+    def get(self, arch: str, dataset: str, recipe: str, seed: int,
+            reading: str = "acc") -> float | None:
+        """The net's `reading` (READINGS), None when it is not here or lacks that reading."""
         k = self.key(arch, dataset, recipe, seed)
         if k not in self.entries and k in self.shared:
             self.entries[k] = self.shared[k]
             write_json_atomic(self.path, {"entries": list(self.entries.values())})
         e = self.entries.get(k)
-        return None if e is None else e["acc"]
+        return None if e is None else reading_of(e, reading)
 
     def put(self, arch: str, dataset: str, recipe: str, seed: int, metrics: dict,
             seconds: float) -> None:
@@ -238,24 +246,27 @@ class GroundTruth:
             for part in self.rank_files():
                 part.unlink()
 
-    def accs(self, dataset: str, recipe: str, seed: int) -> dict[str, float]:
-        return {e["arch"]: e["acc"] for e in self.entries.values()
-                if e["dataset"] == dataset and e["recipe"] == recipe and e["seed"] == seed}
+    def accs(self, dataset: str, recipe: str, seed: int, reading: str = "acc") -> dict[str, float]:
+        """{arch: reading} of every net of one recipe and seed that has that reading."""
+        return {e["arch"]: reading_of(e, reading) for e in self.entries.values()
+                if e["dataset"] == dataset and e["recipe"] == recipe and e["seed"] == seed
+                and reading in e}
 
 
 def ground_truth(gt: GroundTruth, archs: list[supernet.Arch], seeds: int,
                  preset: Preset, data, log) -> tuple[dict[str, float], dict | None]:
     """Train what is not cached yet, every arch with seeds 0..seeds-1 (one arch after the
-    other, its seeds together); return {code: mean top-1 over the seeds} and, with 2 seeds,
-    the noise ceiling (`noise_ceiling`). Under torchrun, rank r trains archs i = r (mod world
-    size) and every rank returns the whole."""
+    other, its seeds together); return {code: the mean over the seeds of the preset's
+    `gt_reading`} and, with 2 seeds, the noise ceiling (`noise_ceiling`). Under torchrun, rank
+    r trains archs i = r (mod world size) and every rank returns the whole."""
     r = recipe_key(preset, data.device)
     jobs = [(a, seed) for a in parallel.mine(archs) for seed in range(seeds)]
     for i, (a, seed) in enumerate(jobs):
         code = supernet.encode(a)
+        value = gt.get(code, preset.dataset, r, seed, preset.gt_reading)
         acc = gt.get(code, preset.dataset, r, seed)
         seconds = None
-        if acc is None:
+        if value is None:
             t = time.perf_counter()
             metrics = train_standalone(a, preset, data, seed, lambda step, steps: log(
                 "groundtruth_step", arch=code, seed=seed, step=step, steps=steps,
@@ -267,7 +278,8 @@ def ground_truth(gt: GroundTruth, archs: list[supernet.Arch], seeds: int,
             seconds=seconds, flops=supernet.size_of(a, preset.shape)[0])
     gt.merge_ranks()
     codes = [supernet.encode(a) for a in archs]
-    per_seed = [{c: gt.get(c, preset.dataset, r, seed) for c in codes} for seed in range(seeds)]
+    per_seed = [{c: gt.get(c, preset.dataset, r, seed, preset.gt_reading) for c in codes}
+                for seed in range(seeds)]
     truth = {c: sum(s[c] for s in per_seed) / seeds for c in codes}
     return truth, noise_ceiling(per_seed) if seeds == 2 else None
 
@@ -292,7 +304,7 @@ def stored_ground_truth(run_dir: Path, preset: Preset, device):
     archs trained with seed 0, averaged with seed 1 where every one of them has it."""
     gt = GroundTruth(run_dir / "groundtruth.json")
     r = recipe_key(preset, device)
-    first, second = gt.accs(preset.dataset, r, 0), gt.accs(preset.dataset, r, 1)
+    first, second = (gt.accs(preset.dataset, r, seed, preset.gt_reading) for seed in (0, 1))
     if not first or any(c not in second for c in first):
         return first, None
     per_seed = [first, {c: second[c] for c in first}]

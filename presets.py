@@ -47,6 +47,7 @@ class Preset:
     gt_label_smoothing: float = 0.0
     gt_n: int = 50                # ground-truth archs
     gt_seeds: int = 2             # seeds per arch: the ground truth is their mean
+    gt_reading: str = "acc"       # what of a net is its truth: report.READINGS
     probe_every: int = 200        # steps between running rank probes (0: phase ends only)
     probe_calib_batches: int = 4
     probe_eval_images: int = 1000
@@ -98,10 +99,10 @@ CIFAR = Preset(
 # for tests and the dry run of bench/gpu_check.sh. Its numbers mean nothing.
 SMOKE = Preset(
     name="smoke", dataset="fashion-mnist", image_size=28, in_channels=1, num_classes=10,
-    width_mult=0.125, divisor=2, batch_size=32, epoch_scale=0.0125, lr_scale=10,
-    warmup_epochs=0.125, warmup_lr=0.1, train_subset=512, eval_subset=256,
-    calib_batches=2, calib_batch_size=64, gt_epochs=0.25, gt_lr=0.05, gt_batch_size=32, gt_n=4,
-    probe_every=0, probe_calib_batches=1, probe_eval_images=128, log_every=2,
+    width_mult=0.125, divisor=2, batch_size=32, epoch_scale=0.006, lr_scale=10,
+    warmup_epochs=0.0625, warmup_lr=0.1, train_subset=512, eval_subset=128,
+    calib_batches=1, calib_batch_size=64, gt_epochs=0.125, gt_lr=0.05, gt_batch_size=32,
+    gt_n=4, probe_every=0, probe_calib_batches=1, probe_eval_images=128, log_every=2,
     checkpoint_every=50, queue_size=128)
 
 # The whole experiment in one sitting on one H100/H200 (a lent GPU has 15 minutes in all;

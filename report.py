@@ -18,6 +18,13 @@ import scipy.stats
 import supernet
 from presets import Preset, preset_from_config, write_json_atomic
 
+# What of a stand-alone net can be its truth (`Preset.gt_reading`): the held-out top-1 of its
+# EMA weights, the same with flip averaging, or minus its held-out cross-entropy (negated, so
+# that for every reading higher is better). bench/gt_recipe.py measures which of them the two
+# seeds agree on most; groundtruth.py stores all three for every net.
+READINGS = {"acc": ("top-1", 1), "acc_flip": ("top-1, flip-averaged", 1),
+            "ce": ("minus test cross-entropy", -1)}
+
 # ---------------------------------------------------------------- rank metrics
 
 def _pearson(a, b):
@@ -234,7 +241,7 @@ def write_scatter(path: Path, results: dict, preset: Preset) -> Path:
     fig, (left, right) = plt.subplots(1, 2, figsize=(9, 4), sharey=True)
     left.scatter([r["supernet"] for r in rows], truth, s=14)
     left.set(xlabel="supernet top-1 (inherited weights, BN recalibrated)",
-             ylabel="ground truth top-1 (stand-alone)",
+             ylabel=f"ground truth: {READINGS[preset.gt_reading][0]} (stand-alone)",
              title=f"supernet: Kendall {results['metrics']['kendall']:.3f}")
     right.scatter(flops, truth, s=14, color="tab:gray")
     right.set(xlabel=f"MFLOPs at {preset.image_size} px",

@@ -5,13 +5,14 @@
 
 Trains the same archs with two seeds at each budget (epochs of the preset's training set, the
 rest of the preset's recipe unchanged; `--train-subset` and `--label-smoothing` override those
-two settings) and reports, per budget: seed-vs-seed Pearson, Kendall
-and Spearman with 95% intervals; the ceiling they imply for any predictor against the 2-seed
-mean (report.spearman_brown_ceiling); Kendall tau of FLOPs against that mean (positive: the ground truth
-ranks capacity, not speed of training); the spread of accuracies; the seconds per net. Each
-of these for three readings of every net (`evaluate.heldout_metrics`): top-1 and held-out
-cross-entropy of the EMA weights, and top-1 with flip averaging; the headline metric is the
-reading the seeds agree on most, chosen here on the recipe archs, never on the headline ones.
+two settings) and reports, per budget: seed-vs-seed Pearson, Kendall and Spearman with 95%
+intervals; the ceiling they imply for any predictor against the 2-seed mean
+(report.spearman_brown_ceiling); Kendall tau of FLOPs against that mean (positive: the ground
+truth ranks capacity, not speed of training); the spread of accuracies; the seconds per net.
+Each of these for three readings of every net (report.READINGS): top-1 and held-out
+cross-entropy of the EMA weights, and top-1 with flip averaging; the headline reading
+(`Preset.gt_reading`) is the one the seeds agree on most, chosen here on the recipe archs,
+never on the headline ones.
 
 The archs are sampled uniformly from the challenge space with their own seed (`--arch-seed`,
 never the headline archs' seed 0), so a recipe is never chosen on the archs it is judged on.
@@ -21,7 +22,7 @@ whether the recipe ranks capacity. Its agreement is inflated by that spread, so 
 also projects the seed-vs-seed Kendall onto 40 uniform archs (`projected_kendall`).
 Every net lands in the committed bench/results/groundtruth.json as it finishes (its recipe
 hash keeps budgets apart): a killed run goes on where it stopped, and a rerun only reads.
-Writes bench/results/gt-recipe-<preset>[-ls<x>][-sub<n>][-archseed<s>].json and .md.
+Writes bench/results/gt-recipe-<preset>[-ls<x>][-sub<n>][-archseed<s>][-spread].json, .md.
 """
 
 import statistics
@@ -43,7 +44,6 @@ import supernet  # noqa: E402
 from data import DataError, load_data  # noqa: E402
 
 
-READINGS = {"acc": "top-1 (EMA)", "ce": "cross-entropy (EMA)", "acc_flip": "top-1, flip-averaged"}
 PROJECTED_N = 40
 
 
@@ -65,7 +65,8 @@ def projected_kendall(seed0, seed1, flops, uniform_flops) -> float:
     means' residual variance has beyond their own noise (half the seed noise). A uniform sample
     has its own, narrower, spread of log FLOPs (`uniform_flops`); its true variance is
     slope^2 x that spread + the residual. The seed-vs-seed Pearson R is then true / (true +
-    noise), and Kendall 2/pi asin(R) (the normal-copula relation `report.spearman_brown_ceiling` uses).
+    noise), and Kendall 2/pi asin(R) (the normal-copula relation of
+    `report.spearman_brown_ceiling`).
     """
     a, b = np.asarray(seed0, float), np.asarray(seed1, float)
     x, mean = np.log(np.asarray(flops, float)), (a + b) / 2
@@ -77,10 +78,9 @@ def projected_kendall(seed0, seed1, flops, uniform_flops) -> float:
 
 
 def reading_row(codes, entries, reading: str, flops, uniform_flops) -> dict:
-    """Seed-vs-seed agreement, its ceiling, FLOPs against the mean, for one reading; cross-
-    entropy enters negated, so that for every reading higher is better."""
-    sign = -1 if reading == "ce" else 1
-    scores = [[sign * e[reading] for e in seed] for seed in entries]
+    """Seed-vs-seed agreement, its ceiling, FLOPs against the mean, for one reading
+    (report.READINGS: cross-entropy enters negated, so that higher is better for all)."""
+    scores = [[groundtruth.reading_of(e, reading) for e in seed] for seed in entries]
     per_seed = [dict(zip(codes, s)) for s in scores]
     mean = [(x + y) / 2 for x, y in zip(*scores)]
     ceiling = report.noise_ceiling(per_seed)
@@ -105,7 +105,7 @@ def budget_row(preset, archs, gt: groundtruth.GroundTruth, data, log, uniform_fl
     accs = [[e["acc"] for e in seed] for seed in entries]
     mean = list(truth.values())
     flops = [supernet.size_of(a, preset.shape)[0] for a in archs]
-    readings = [r for r in READINGS if all(r in e for seed in entries for e in seed)]
+    readings = [r for r in report.READINGS if all(r in e for seed in entries for e in seed)]
     return {"epochs": preset.gt_epochs, "recipe": key, "n": len(archs),
             "readings": {r: reading_row(codes, entries, r, flops, uniform_flops)
                          for r in readings},
@@ -143,7 +143,8 @@ def readings_table(rows: list[dict]) -> str:
     for r in rows:
         for name, m in r.get("readings", {}).items():
             s = m["seed_vs_seed"]
-            lines.append(f"| {r['epochs']:g} | {READINGS[name]} | {fm(s, 'kendall')} "
+            label = report.READINGS[name][0]
+            lines.append(f"| {r['epochs']:g} | {label} | {fm(s, 'kendall')} "
                          f"| {fm(s, 'pearson')} | {fm(m['ceiling'], 'kendall')} "
                          f"| {fm(m['flops_vs_mean'], 'kendall')} "
                          f"| {m['projected_kendall']:.3f} | {r['n']} |")

@@ -237,10 +237,11 @@ def forgetting_under_cpt(net, probe: Probe, lr: float, steps: int, window: int,
     (CE of the sampled arch), 10 fresh uniform archs a step (the compute-matched control of
     NSAS's NAS-Bench-201 code), and CPT's novelty pool (Zhang et al., CVPR 2020, as CPT uses
     it); the same data order and the same sampled archs in every arm, `steps` steps at CPT's
-    lr (a pool of `pool_size`, CPT's 10). Forgetting as in Benyahia et al.'s code: an arch's loss on the probe batch right after
-    it trained against the same `window` steps later (batch-statistics BN: cheap enough for
-    every step; our reading). Probe archs are split into near and far from the pool by their
-    Eq.-2 distance to its nearest member when they trained (the median over the pool arms)."""
+    lr (a pool of `pool_size`, CPT's 10). Forgetting as in Benyahia et al.'s code: an arch's
+    loss on the probe batch right after it trained against the same `window` steps later
+    (batch-statistics BN: cheap enough for every step; our reading). Probe archs are split
+    into near and far from the pool by their Eq.-2 distance to its nearest member when they
+    trained (cut at the median over the pool arms)."""
     rng = random.Random(seed)
     sampled = [supernet.sample_arch(rng) for _ in range(steps)]
     randoms = [[supernet.sample_arch(rng) for _ in range(pool_size)] for _ in range(steps)]

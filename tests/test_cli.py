@@ -98,3 +98,21 @@ def test_every_option_of_every_command_passes_through_torchrun_unchanged():
         argv = ["nas.py", name, opt, "1"]
         parsed = parser.parse_args(["--nproc_per_node=2"] + argv)
         assert [parsed.training_script] + parsed.training_script_args == argv, opt
+
+
+def test_the_gpu_preset_trains_its_ground_truth_in_torchrun_processes(monkeypatch):
+    from pathlib import Path
+    from torch.distributed.run import get_args_parser
+    command = nas.side_by_side_command("r", presets.PRESETS["gpu"], 3, Path("/d"))
+    assert command[1:3] == ["-m", "torch.distributed.run"]
+    parsed = get_args_parser().parse_args(command[3:])
+    assert parsed.standalone and int(parsed.nproc_per_node) == presets.PRESETS["gpu"].gt_processes
+    assert parsed.training_script_args == ["groundtruth", "--preset", "gpu", "--name", "r",
+                                           "--seed", "3", "--device", "cuda", "--data-dir", "/d"]
+    # `all` hands the ground truth to them on a GPU only, and stops with one line if they fail
+    calls = []
+    monkeypatch.setattr(nas.subprocess, "run", lambda cmd: calls.append(cmd) or
+                        type("Done", (), {"returncode": 1})())
+    with pytest.raises(nas.typer.Exit) as e:
+        nas.ground_truth_side_by_side("r", presets.PRESETS["gpu"], 0, None)
+    assert e.value.exit_code == 1 and calls and "--data-dir" not in calls[0]
