@@ -57,12 +57,14 @@ from presets import autocast, bn_momentum  # noqa: E402
 CELLS = [(d3, d4) for d3 in range(2, 9) for d4 in range(2, 6)]   # 7 x 4 (stage-3, stage-4 depth)
 SMALLEST = supernet.Arch((2, 2, 2, 2), (3, 3, 5, 7), ((3,) * 2, (3,) * 2, (5,) * 2, (7,) * 2))
 # How much of each measurement a preset affords: probe archs per cell, held-out images per
-# probe batch, (largest, uniform) pairs, CPT-arm steps and forgetting window, the batch of the
+# probe batch, calibration batches, (largest, uniform) pairs, CPT-arm steps and forgetting window, the batch of the
 # diagnostics' own training steps, recovery steps, Π-NAS steps, rank probes per stage.
-SIZES = {"tiny": dict(per_cell=1, probe_images=200, pairs=10, cpt_steps=100, window=20,
-                      train_batch=32, recovery_steps=15, pinas_steps=50, stability_probes=2),
-         "small": dict(per_cell=2, probe_images=500, pairs=10, cpt_steps=100, window=20,
-                       train_batch=64, recovery_steps=15, pinas_steps=50, stability_probes=3)}
+SIZES = {"tiny": dict(per_cell=1, probe_images=128, calib_batches=1, pairs=10, cpt_steps=100,
+                      window=20, train_batch=16, recovery_steps=15, pinas_steps=50,
+                      stability_probes=2),
+         "small": dict(per_cell=2, probe_images=500, calib_batches=2, pairs=10, cpt_steps=100,
+                       window=20, train_batch=64, recovery_steps=15, pinas_steps=50,
+                       stability_probes=3)}
 
 
 # ---------------------------------------------------------------- the fixed probe
@@ -72,7 +74,7 @@ class Probe:
     batches (the second for noise floors), two calibration subsets, a training stream."""
 
     def __init__(self, data, preset: presets.Preset, per_cell: int, images: int, seed: int = 0,
-                 train_batch: int = 32):
+                 train_batch: int = 32, calib_batches: int = 1):
         rng = random.Random(seed)
         self.archs = [supernet.sample_arch(rng, ((2, 5), (2, 5), (d3, d3), (d4, d4)))
                       for d3, d4 in CELLS for _ in range(per_cell)]
@@ -80,7 +82,7 @@ class Probe:
         x, y = data.test_x, data.test_y
         self.batch = (data.normalize(x[:images]), y[:images])
         self.batch2 = (data.normalize(x[images:2 * images]), y[images:2 * images])
-        n, size = max(1, preset.probe_calib_batches), preset.calib_batch_size
+        n, size = calib_batches, preset.calib_batch_size
         self.calib = data.calib_batches(n, size, seed=3)
         self.calib2 = data.calib_batches(n, size, seed=4)
 
@@ -583,13 +585,15 @@ def write_pictures(results: dict, out: Path, stem: str) -> list[Path]:
         save(fig, "cpt")
     if "underestimation" in results:
         r = results["underestimation"]["maps"]
-        fig, axes = plt.subplots(1, len(r), figsize=(2.4 * len(r), 3.6), squeeze=False)
+        fig, axes = plt.subplots(1, len(r), figsize=(2.5 * len(r) + 1, 3.6), squeeze=False,
+                                 layout="constrained")
         top = np.nanmax(np.abs([m for m in r.values()]))
-        for ax, (v, grid) in zip(axes[0], r.items()):
-            im = ax.imshow(grid, cmap="viridis", vmin=0, vmax=top, origin="lower",
+        for i, (ax, (v, grid)) in enumerate(zip(axes[0], r.items())):
+            im = ax.imshow(grid, cmap="RdBu_r", vmin=-top, vmax=top, origin="lower",
                            extent=(1.5, 5.5, 1.5, 8.5), aspect="auto")
-            ax.set(title=v, xlabel="stage-4 depth", ylabel="stage-3 depth")
-        fig.colorbar(im, ax=axes[0].tolist(), shrink=0.8, label="recovery gain (loss)")
+            ax.set(title=v, xlabel="stage-4 depth", ylabel="stage-3 depth" if i == 0 else None)
+        fig.colorbar(im, ax=axes[0].tolist(), shrink=0.8,
+                     label="recovery gain (loss; red: underestimated)")
         path = out / f"{stem}-underestimation.png"
         fig.savefig(path, dpi=100)
         plt.close(fig)
@@ -715,7 +719,7 @@ def run(preset: presets.Preset, data, folder: Path, device: str, sizes: dict, ch
     """Every chosen diagnostic on the ablation's checkpoints: (results, seconds: those spent
     training missing checkpoints, and each diagnostic's)."""
     probe = Probe(data, preset, sizes["per_cell"], sizes["probe_images"], seed,
-                  sizes["train_batch"])
+                  sizes["train_batch"], sizes["calib_batches"])
     seconds = {"training": 0.0}
 
     def variant(name):
