@@ -425,8 +425,9 @@ def groundtruth(preset: str = PresetOpt, name: str = NameOpt,
     run_dir.mkdir(parents=True, exist_ok=True)
     log = event_log(run_dir, quiet)
     truth, ceiling = ground_truth(run_dir, p, data, log, n, seeds or p.gt_seeds, seed, stratified)
-    say(f"{len(truth)} archs in {run_dir / 'groundtruth.json'}; accuracy "
-               f"{min(truth.values()):.4f} .. {max(truth.values()):.4f}")
+    say(f"{len(truth)} archs in {run_dir / 'groundtruth.json'}; "
+        f"{reports.READINGS[p.gt_reading][0]} {min(truth.values()):.4f} .. "
+        f"{max(truth.values()):.4f}")
     if ceiling:
         for label, m in (("seed vs seed", ceiling["seed_vs_seed"]),
                          ("ceiling for a predictor of the 2-seed mean", ceiling["ceiling"])):
