@@ -167,6 +167,11 @@ def shared_cosine(ga: dict, gb: dict, ma: dict, mb: dict) -> float:
     return float(F.cosine_similarity(a, b, dim=0))
 
 
+# Below this self-cosine the largest arch's gradients on two batches are close to orthogonal (a
+# trained net: at small, 0.17 after PS and -0.005 after SPOS), and dividing by it blows up.
+MIN_SELF_COSINE = 0.1
+
+
 def interference(net, probe: Probe, pairs: int, seed: int = 0) -> dict:
     """Gradient interference between subnets, after Xu et al., "Analyzing and Mitigating
     Interference in Neural Architecture Search" (ICML 2022): the cosine of the gradients two
@@ -174,7 +179,8 @@ def interference(net, probe: Probe, pairs: int, seed: int = 0) -> dict:
     intersection of their slices; each cosine is divided by the largest arch's cosine with
     itself across two batches (how much one arch agrees with itself: the unit of agreement).
     Pairs: (largest, smallest) and `pairs` (largest, uniform) archs; the same on the second
-    batch is the noise floor."""
+    batch is the noise floor. The raw cosines are kept beside the ratios, which are None where
+    the self-cosine is under MIN_SELF_COSINE."""
     rng = random.Random(seed)
     big = supernet.MAX_ARCH
     others = [SMALLEST] + [supernet.sample_arch(rng) for _ in range(pairs)]
@@ -187,10 +193,16 @@ def interference(net, probe: Probe, pairs: int, seed: int = 0) -> dict:
         out[label] = cosines
     self_cos = shared_cosine(path_gradient(net, big, probe.batch),
                              path_gradient(net, big, probe.batch2), mask_big, mask_big)
+    raw = {"raw_largest_smallest": out["batch"][0],
+           "raw_largest_uniform": mean_ci(out["batch"][1:]),
+           "raw_floor_largest_uniform": mean_ci(out["second batch"][1:]),
+           "raw": out["batch"], "raw_second_batch": out["second batch"],
+           "self_cosine_across_batches": self_cos}
+    if self_cos < MIN_SELF_COSINE:  # no unit: a ratio would be noise over noise
+        return {**raw, "largest_smallest": None, "largest_uniform": None,
+                "floor_largest_uniform": None}
     ratios = [c / self_cos for c in out["batch"]]
-    return {"self_cosine_across_batches": self_cos,
-            "largest_smallest": ratios[0], "largest_uniform": mean_ci(ratios[1:]),
-            "raw": out["batch"], "raw_second_batch": out["second batch"],
+    return {**raw, "largest_smallest": ratios[0], "largest_uniform": mean_ci(ratios[1:]),
             "floor_largest_uniform": mean_ci([c / self_cos for c in out["second batch"][1:]])}
 
 
@@ -556,8 +568,8 @@ def write_pictures(results: dict, out: Path, stem: str) -> list[Path]:
         fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3.5))
         names = list(r)
         for i, v in enumerate(names):
-            u = r[v]["cosine"]["largest_uniform"]
-            left.bar(i - 0.2, r[v]["cosine"]["largest_smallest"], 0.4, color="tab:blue")
+            u = r[v]["cosine"]["raw_largest_uniform"]
+            left.bar(i - 0.2, r[v]["cosine"]["raw_largest_smallest"], 0.4, color="tab:blue")
             left.bar(i + 0.2, u["mean"], 0.4, color="tab:orange",
                      yerr=[[u["mean"] - u.get("ci", [u["mean"]] * 2)[0]],
                            [u.get("ci", [u["mean"]] * 2)[1] - u["mean"]]])
@@ -567,7 +579,7 @@ def write_pictures(results: dict, out: Path, stem: str) -> list[Path]:
             right.bar(i + 0.2, f["depth-2 after largest training"]["batch"], 0.4,
                       color="tab:orange")
         left.set(xticks=range(len(names)), xticklabels=names,
-                 title="gradient cosine / self-cosine\n(blue: largest-smallest, "
+                 title="gradient cosine on shared weights\n(blue: largest-smallest, "
                        "orange: largest-uniform)")
         right.set(xticks=range(len(names)), xticklabels=names,
                   title="loss change of the untrained kind\n(blue: largest, orange: depth-2)")
@@ -636,14 +648,19 @@ def markdown(results: dict, preset: str, n_archs: int, seconds: dict) -> str:
     lines = [f"Mechanisms, preset {preset}, {date.today().isoformat()}, {n_archs} probe archs; "
              f"95% bootstrap intervals; seconds: {seconds}.", ""]
     if "interference" in results:
-        lines += ["## 1. Interference (gradient cosine / the largest arch's self-cosine)", "",
+        lines += ["## 1. Interference (gradient cosine on the weights two subnets share)", "",
                   "| variant | largest-smallest | largest-uniform | floor (2nd batch) "
+                  "| largest's self-cosine across batches | largest-uniform / self-cosine "
                   "| largest's loss change after depth-2 training | depth-2's after largest "
-                  "training |", "|---|---|---|---|---|---|"]
+                  "training |", "|---|---|---|---|---|---|---|---|"]
         for v, r in results["interference"].items():
             c, f = r["cosine"], r["forgetting"]
-            lines.append(f"| {v} | {c['largest_smallest']:.4f} | {_fmt(c['largest_uniform'])} "
-                         f"| {_fmt(c['floor_largest_uniform'])} "
+            ratio = (_fmt(c["largest_uniform"]) if c["largest_uniform"] is not None
+                     else f"- (self-cosine under {MIN_SELF_COSINE})")
+            lines.append(f"| {v} | {c['raw_largest_smallest']:.4f} "
+                         f"| {_fmt(c['raw_largest_uniform'])} "
+                         f"| {_fmt(c['raw_floor_largest_uniform'])} "
+                         f"| {c['self_cosine_across_batches']:.4f} | {ratio} "
                          f"| {f['largest after depth-2 training']['batch']:.4f} "
                          f"(2nd batch {f['largest after depth-2 training']['second batch']:.4f})"
                          f" | {f['depth-2 after largest training']['batch']:.4f} (2nd batch "
@@ -807,7 +824,9 @@ def main(preset: str = typer.Option("tiny", help="tiny or small (the ablation's 
         same_probe = old["results"].get("probe_archs") == results["probe_archs"]
         if old.get("sizes") == sizes and same_probe:
             results = {**old["results"], **results}
-            seconds = {**old["seconds"], **seconds, "training": seconds["training"]}
+            # training: what training the missing checkpoints took, over every run
+            seconds = {**old["seconds"], **seconds,
+                       "training": old["seconds"]["training"] + seconds["training"]}
     pictures = write_pictures(results, out, stem)
     md = markdown(results, p.name, len(results["probe_archs"]),
                   {k: round(v) for k, v in seconds.items()})

@@ -44,6 +44,18 @@ def test_interference_of_an_arch_with_itself_on_one_batch_is_one(warm, probe):
     assert mechanisms.shared_cosine(g, other, m, mechanisms.used_masks(net, supernet.MAX_ARCH)) < 1
     r = mechanisms.interference(net, probe, pairs=2)
     assert -1 <= r["self_cosine_across_batches"] < 1 and len(r["raw"]) == 3
+    assert r["raw_largest_uniform"]["mean"] == pytest.approx(sum(r["raw"][1:]) / 2)
+
+
+def test_interference_gives_no_ratio_where_the_self_cosine_is_too_small_to_be_a_unit(
+        warm, probe, monkeypatch):
+    monkeypatch.setattr(mechanisms, "MIN_SELF_COSINE", -2.0)
+    r = mechanisms.interference(warm.net, probe, pairs=2)
+    assert r["largest_smallest"] == pytest.approx(r["raw"][0] / r["self_cosine_across_batches"])
+    monkeypatch.setattr(mechanisms, "MIN_SELF_COSINE", 2.0)
+    r = mechanisms.interference(warm.net, probe, pairs=2)
+    assert r["largest_smallest"] is None and r["largest_uniform"] is None
+    assert r["raw_largest_smallest"] == r["raw"][0]
 
 
 def test_forgetting_is_zero_with_nothing_trained_and_positive_after_a_large_lr(warm, probe):
