@@ -93,6 +93,74 @@ def paired_difference(pred_a, pred_b, truth, n_boot: int | None = None, seed: in
     return out
 
 
+def corrected_for_unreliability(value: float, seed_vs_seed: float, name: str) -> float | None:
+    """`value` (a predictor against the 2-seed mean) corrected for the truth's unreliability:
+    Spearman's (1904) correction for attenuation, r / sqrt(reliability), with the reliability of
+    a mean of 2 seeds from Spearman-Brown, 2R / (1 + R) (R: seed against seed). An estimate of
+    the agreement with the noise-free truth, so labelled "corrected" wherever it is shown, never
+    a measurement. Kendall and Spearman go through the normal copula; where the division passes
+    1 (noise can make it) it is clipped to 1. None where R <= 0: the truth is noise."""
+    r = _as_pearson(seed_vs_seed, name)
+    if not r > 0 or math.isnan(value):
+        return None
+    corrected = _as_pearson(value, name) / math.sqrt(2 * r / (1 + r))
+    return _from_pearson(max(-1.0, min(1.0, corrected)), name)
+
+
+def corrected_metrics(metrics: dict, seed_vs_seed: dict) -> dict:
+    """`corrected_for_unreliability` of every metric (point estimate and interval ends)."""
+    out = {"n": metrics["n"]}
+    for name in METRICS:
+        out[name] = corrected_for_unreliability(metrics[name], seed_vs_seed[name], name)
+        ci = metrics.get(f"{name}_ci")
+        if ci and out[name] is not None:
+            out[f"{name}_ci"] = [corrected_for_unreliability(v, seed_vs_seed[name], name)
+                                 for v in ci]
+    return out
+
+
+def decisive_pair_agreement(pred, truth, seed_noise: float, n_boot: int | None = None,
+                            seed: int = 0) -> dict:
+    """The share of arch pairs that `pred` orders as the 2-seed mean `truth` does, over the pairs
+    whose gap in the truth exceeds twice the seed noise (`seed_noise`: the sd of one net's
+    accuracy around its arch's, `noise_ceiling`; the gap of two 2-seed means has that sd too):
+    the pairs whose order the ground truth decides, at about 95%. 0.5 is chance. The interval
+    resamples archs (pairs share archs: resampling pairs would pretend them independent)."""
+    n_boot = N_BOOT if n_boot is None else n_boot
+    pred, truth = np.asarray(pred, float), np.asarray(truth, float)
+
+    def share(p, t):
+        i, j = np.triu_indices(len(t), 1)
+        decided = np.abs(t[i] - t[j]) > 2 * seed_noise
+        if not decided.any():
+            return math.nan
+        return float(np.mean(np.sign(p[i] - p[j])[decided] == np.sign(t[i] - t[j])[decided]))
+
+    i, j = np.triu_indices(len(truth), 1)
+    out = {"share": share(pred, truth), "n": len(truth), "threshold": 2 * seed_noise,
+           "pairs": int(np.sum(np.abs(truth[i] - truth[j]) > 2 * seed_noise))}
+    if n_boot and out["pairs"] and len(truth) > 2:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            boot = scipy.stats.bootstrap((pred, truth), share, paired=True, vectorized=False,
+                                         n_resamples=n_boot, method="percentile",
+                                         **bootstrap_seed(seed))
+        out["share_ci"] = [float(v) for v in
+                           np.nanpercentile(boot.bootstrap_distribution, [2.5, 97.5])]
+    return out
+
+
+def predictor_extras(pred, truth, metrics: dict, ceiling: dict | None, flops) -> dict:
+    """Beside a predictor's rank `metrics`: its Kendall with FLOPs (how much of its ranking is
+    size alone), and, with 2 seeds, those metrics corrected for the truth's unreliability and
+    its agreement on the pairs the truth decides."""
+    out = {"kendall_with_flops": float(_kendall(pred, flops))}
+    if ceiling and ceiling.get("seed_noise") is not None:
+        out["corrected"] = corrected_metrics(metrics, ceiling["seed_vs_seed"])
+        out["decisive_pairs"] = decisive_pair_agreement(pred, truth, ceiling["seed_noise"])
+    return out
+
+
 def results_table(results: dict) -> dict:
     """The final table as rows {label: metrics}: the supernet, the FLOPs and params rankings,
     seed-vs-seed agreement and the noise ceiling (those two with 2 seeds only)."""
@@ -115,9 +183,13 @@ def size_floors(truth: dict[str, float], preset: Preset) -> dict:
 
 
 def run_results(truth: dict, accs: dict, ceiling: dict | None, preset: Preset) -> dict:
-    """Rank metrics of the supernet and of the FLOPs/params floors against the ground truth."""
-    return {"metrics": rank_metrics([accs[c] for c in truth], list(truth.values())),
-            "noise_ceiling": ceiling, **size_floors(truth, preset),
+    """Rank metrics of the supernet and of the FLOPs/params floors against the ground truth,
+    and the supernet's `predictor_extras`."""
+    pred, y = [accs[c] for c in truth], list(truth.values())
+    flops = [supernet.size_of(supernet.decode(c), preset.shape)[0] for c in truth]
+    metrics = rank_metrics(pred, y)
+    return {"metrics": metrics, "noise_ceiling": ceiling, **size_floors(truth, preset),
+            **predictor_extras(pred, y, metrics, ceiling, flops),
             "archs": [{"arch": c, "supernet": accs[c], "truth": truth[c]} for c in truth]}
 
 
@@ -129,13 +201,16 @@ def noise_ceiling(per_seed: list[dict[str, float]]) -> dict | None:
     R is the rank metrics of seed 0 against seed 1 over the same archs, with intervals; it is
     not itself a ceiling (the mean of 2 seeds is less noisy than either). `ceiling_metrics` maps
     it to what a predictor equal to the noise-free accuracy would reach against the mean.
-    None below 3 archs."""
+    "seed_noise" is the sd of one net's accuracy around its arch's. None below 3 archs."""
     first, second = per_seed
     both = [c for c in first if c in second]
     if len(both) < 3:
         return None
     r = rank_metrics([first[c] for c in both], [second[c] for c in both])
-    return {"seed_vs_seed": r, "ceiling": ceiling_metrics(r)}
+    # one net's noise: the two seeds' differences have twice its variance
+    diffs = [first[c] - second[c] for c in both]
+    return {"seed_vs_seed": r, "ceiling": ceiling_metrics(r),
+            "seed_noise": float(np.std(diffs, ddof=1) / math.sqrt(2))}
 
 
 def _as_pearson(value: float, name: str) -> float:
@@ -266,6 +341,29 @@ def search_section(summary: dict | None) -> list[str]:
                     "MFLOPs at this preset).", "", "![the search](search.png)", ""]
 
 
+def extras_lines(results: dict) -> list[str]:
+    """The report's lines on `predictor_extras` (absent in results written before them)."""
+    lines = []
+    if "kendall_with_flops" in results:
+        lines += [f"Kendall of the supernet's accuracies with FLOPs: "
+                  f"{results['kendall_with_flops']:.3f} (near 1 or -1: it ranks by size).", ""]
+    corrected = results.get("corrected")
+    if corrected and corrected.get("kendall") is not None:
+        cells = ", ".join(f"{name} {format_metric(corrected, name)}" for name in METRICS
+                          if corrected[name] is not None)
+        lines += [f"Corrected for the ground truth's unreliability (Spearman 1904, r / "
+                  f"sqrt(2R / (1 + R)); an estimate, not a measurement): {cells}.", ""]
+    pairs = results.get("decisive_pairs")
+    if pairs and pairs["pairs"]:
+        ci = pairs.get("share_ci")
+        interval = f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else ""
+        plural = "s" if pairs["pairs"] != 1 else ""
+        lines += [f"On the {pairs['pairs']} pair{plural} whose ground-truth gap exceeds twice the "
+                  f"seed noise ({pairs['threshold']:.4f}), the supernet orders {pairs['share']:.3f}"
+                  f"{interval} as the ground truth does (0.5 is chance).", ""]
+    return lines
+
+
 def write_report(run_dir: Path, config: dict, results: dict) -> Path:
     """`report.md`: stages, rank metrics with intervals beside the FLOPs and params rankings,
     seed-vs-seed agreement and the noise ceiling, a scatter picture (`scatter.png`), the best
@@ -287,6 +385,7 @@ def write_report(run_dir: Path, config: dict, results: dict) -> Path:
     for name in METRICS:
         lines.append(f"| {name} | " + " | ".join(format_metric(c, name) for _, c in columns) + " |")
     lines += ["", CEILING_NOTE if ceiling else "One seed per arch: no noise ceiling.", ""]
+    lines += extras_lines(results)
     scatter = write_scatter(run_dir / "scatter.png", results, preset)
     lines += [f"![supernet and FLOPs against the ground truth]({scatter.name})", ""]
     lines += search_section(results.get("search"))

@@ -127,14 +127,17 @@ def verdict_lines(verdicts: dict, rows: list[dict]) -> str:
 
 
 def paired_differences(rows: list[dict], truth: dict, preset) -> dict:
-    """The full method minus FLOPs and minus SPOS, per metric, with paired-bootstrap intervals."""
+    """The full method minus FLOPs, params and SPOS, per metric, with paired-bootstrap
+    intervals."""
     accs = {r["variant"]: r["accs"] for r in rows if "accs" in r}
     if FULL not in accs:
         return {}
     y = list(truth.values())
     full = [accs[FULL][c] for c in truth]
     flops = [supernet.size_of(supernet.decode(c), preset.shape)[0] for c in truth]
-    out = {"FLOPs": report.paired_difference(full, flops, y)}
+    params = [supernet.size_of(supernet.decode(c), preset.shape)[1] for c in truth]
+    out = {"FLOPs": report.paired_difference(full, flops, y),
+           "params": report.paired_difference(full, params, y)}
     if "SPOS" in accs:
         out["SPOS"] = report.paired_difference(full, [accs["SPOS"][c] for c in truth], y)
     return out
@@ -152,11 +155,19 @@ def differences_table(differences: dict) -> str:
 
 
 def table(rows: list[dict], ceiling: dict | None) -> str:
-    lines = ["| variant | pearson | kendall | spearman | n | training s | paper pearson |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| variant | pearson | kendall | spearman | kendall, corrected for the truth's "
+             "unreliability | agreement on decided pairs | kendall with FLOPs | n | training s "
+             "| paper pearson |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         m = r["metrics"]
         cells = [report.format_metric(m, k) for k in report.METRICS]
+        corrected = r.get("corrected")
+        cells.append(report.format_metric(corrected, "kendall")
+                     if corrected and corrected["kendall"] is not None else "")
+        pairs = r.get("decisive_pairs")
+        cells.append(report.format_metric(pairs, "share") + f" of {pairs['pairs']}"
+                     if pairs and pairs["pairs"] else "")
+        cells.append(f"{r['kendall_with_flops']:.3f}" if "kendall_with_flops" in r else "")
         seconds = f"{r['seconds']:.0f}" if r["seconds"] is not None else "none"
         paper = f"{PAPER_PEARSON[r['variant']]:.5f}" if r["variant"] in PAPER_PEARSON else ""
         lines.append(f"| {r['variant']} | {' | '.join(cells)} | {m['n']} | {seconds} | {paper} |")
@@ -164,7 +175,11 @@ def table(rows: list[dict], ceiling: dict | None) -> str:
         for label, m in (("seed 0 vs seed 1 (R)", ceiling["seed_vs_seed"]),
                          ("ceiling against the 2-seed mean", ceiling["ceiling"])):
             cells = " | ".join(report.format_metric(m, k) for k in report.METRICS)
-            lines.append(f"| {label} | {cells} | {m['n']} | | |")
+            lines.append(f"| {label} | {cells} | | | | {m['n']} | | |")
+    if ceiling and "seed_noise" in ceiling:
+        lines += ["", f"Decided pairs: those whose gap in the 2-seed mean exceeds twice the seed "
+                      f"noise (one net's sd around its arch, {ceiling['seed_noise']:.4f}); "
+                      "corrected: Spearman (1904), an estimate, not a measurement."]
     return "\n".join(lines)
 
 
@@ -207,15 +222,19 @@ def main(preset: str = typer.Option("cifar", help=", ".join(presets.PRESETS)),
     n = gt_n or p.gt_n
     truth, ceiling = groundtruth.build_ground_truth(folder, p, data, log, n, p.gt_seeds, seed)
     archs, y = [supernet.decode(c) for c in truth], list(truth.values())
-    floors = report.size_floors(truth, p)
-    rows = [{"variant": "FLOPs", "metrics": floors["flops"], "seconds": None},
-            {"variant": "params", "metrics": floors["params"], "seconds": None}]
+    sizes = [supernet.size_of(a, p.shape) for a in archs]
+    flops = [f for f, _ in sizes]
+
+    def row(variant: str, pred: list, seconds) -> dict:
+        metrics = report.rank_metrics(pred, y)
+        return {"variant": variant, "metrics": metrics, "seconds": seconds,
+                **report.predictor_extras(pred, y, metrics, ceiling, flops)}
+    rows = [row("FLOPs", flops, None), row("params", [q for _, q in sizes], None)]
     for name in chosen:
         st, seconds = train_variant(name, p, data, device, folder, log, seed)
         accs = evaluate.evaluate_run(st, data, archs, log)
-        rows.append({"variant": name, "metrics": report.rank_metrics([accs[c] for c in truth], y),
-                     "seconds": seconds, "stages": list(st.stages), "aps": st.aps, "kd": st.kd,
-                     "accs": accs})
+        rows.append({**row(name, [accs[c] for c in truth], seconds),
+                     "stages": list(st.stages), "aps": st.aps, "kd": st.kd, "accs": accs})
         typer.echo(f"{name:30} kendall {report.format_metric(rows[-1]['metrics'], 'kendall')}  "
                    f"{seconds:.0f} s")
     machine = evaluate.machine_name(device)

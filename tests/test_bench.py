@@ -43,6 +43,10 @@ def test_ablation_chains_variants_and_never_trains_twice(tmp_path, monkeypatch, 
     assert again["rows"][2]["accs"] == rows["APS_v3+CPT"]["accs"]
     md = (tmp_path / "results" / "ablation-quick-cpu.md").read_text()
     assert "| APS_v3+CPT |" in md
+    # each variant's Kendall with FLOPs, and the full set of baselines for the differences
+    assert rows["FLOPs"]["kendall_with_flops"] == pytest.approx(1.0)
+    assert -1 <= rows["APS_v3+CPT"]["kendall_with_flops"] <= 1
+    assert "kendall with FLOPs" in md
 
 
 def test_ablation_refuses_an_unknown_variant(tmp_path):
@@ -140,6 +144,9 @@ def test_gpu_check_dry_run_runs_every_step_and_brings_back_eight_files(tmp_path,
     report = (run / "report.md").read_text()
     assert "![supernet and FLOPs against the ground truth](scatter.png)" in report
     assert "## Search" in report
+    assert "Kendall of the supernet's accuracies with FLOPs" in report
+    assert "Corrected for the ground truth's unreliability" in report
+    assert {"kendall_with_flops", "corrected", "decisive_pairs"} <= results.keys()
     (run / "report.md").unlink()
     rewrite = subprocess.run([sys.executable, str(ROOT / "nas.py"), "report", "--name", run.name],
                              cwd=tmp_path, capture_output=True, text=True)

@@ -1,6 +1,7 @@
 import json
 import math
 import random
+import statistics
 
 import pytest
 import torch
@@ -154,6 +155,39 @@ def test_ceiling_is_spearman_brown_for_a_mean_of_two_seeds():
     r = (2 * 0.5 / 1.5) ** 0.5
     assert report.spearman_brown_ceiling(1 / 3, "kendall") == pytest.approx(
         2 / 3.141592653589793 * __import__("math").asin(r))
+
+
+def test_correction_for_unreliability_divides_by_the_root_of_the_2_seed_reliability():
+    # R = 0.5: the 2-seed mean's reliability is 2/3, so a Pearson of 0.5 becomes 0.5 / sqrt(2/3)
+    assert report.corrected_for_unreliability(0.5, 0.5, "pearson") == pytest.approx(
+        0.5 / (2 / 3) ** 0.5)
+    assert report.corrected_for_unreliability(0.4, 1.0, "kendall") == pytest.approx(0.4)
+    assert report.corrected_for_unreliability(0.9, 0.1, "pearson") == 1.0  # clipped
+    assert report.corrected_for_unreliability(0.3, -0.1, "kendall") is None
+    m = report.corrected_metrics({"n": 9, "pearson": 0.5, "kendall": 0.3, "spearman": 0.4,
+                                  "kendall_ci": [0.1, 0.5]},
+                                 {"pearson": 0.5, "kendall": 0.3, "spearman": 0.0})
+    assert m["kendall"] > 0.3 and m["kendall_ci"][0] > 0.1 and m["spearman"] is None
+
+
+def test_decided_pairs_are_those_apart_by_twice_the_seed_noise():
+    truth = [0.0, 1.0, 1.1, 3.0]
+    # noise 0.2: the threshold 0.4 leaves out the pair (1.0, 1.1) only
+    right = report.decisive_pair_agreement(truth, truth, 0.2, n_boot=50)
+    assert right["pairs"] == 5 and right["share"] == 1.0
+    swapped = [0.0, 1.1, 1.0, 3.0]  # wrong only on the undecided pair
+    assert report.decisive_pair_agreement(swapped, truth, 0.2, n_boot=0)["share"] == 1.0
+    backwards = report.decisive_pair_agreement([-t for t in truth], truth, 0.2, n_boot=0)
+    assert backwards["share"] == 0.0
+    none = report.decisive_pair_agreement(truth, truth, 10.0, n_boot=0)
+    assert none["pairs"] == 0 and math.isnan(none["share"])
+
+
+def test_the_seed_noise_is_one_nets_sd_from_the_seed_differences():
+    first = {"a": 0.1, "b": 0.5, "c": 0.9, "d": 0.3}
+    second = {"a": 0.2, "b": 0.4, "c": 1.0, "d": 0.2}  # differences -0.1, 0.1, -0.1, 0.1
+    noise = report.noise_ceiling([first, second])["seed_noise"]
+    assert noise == pytest.approx(statistics.stdev([-0.1, 0.1, -0.1, 0.1]) / 2 ** 0.5)
 
 
 def test_standalone_training_learns(micro_data):
