@@ -317,13 +317,18 @@ def write_search_png(path: Path, summary: dict, points: list[dict]) -> Path:
     return path
 
 
+def weights_key(st, device) -> str:
+    """Which weights a top-1 in search.jsonl was measured with, and where: another device or
+    precision gives other top-1s."""
+    return f"phase {st.phase_index} step {st.step}, {torch.device(device).type}"
+
+
 def run_search(st, data, run_dir: Path, budget: Budget,
                population: int, generations: int, seed: int, log) -> dict:
     """Search, then write `search.json` and `search.png` in the run folder; their summary."""
     check_budget(budget)
-    # the weights and how they are run: another device or precision gives other top-1s
-    weights = f"phase {st.phase_index} step {st.step}, {data.device.type}"
-    search_log = SearchLog(run_dir / "search.jsonl", weights, evaluate.machine_name(data.device))
+    search_log = SearchLog(run_dir / "search.jsonl", weights_key(st, data.device),
+                           evaluate.machine_name(data.device))
     fitness = Fitness(st, data, search_log)
 
     def log_with_front(event: str, **fields):  # the UI draws the front as it grows

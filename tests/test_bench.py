@@ -152,3 +152,17 @@ def test_gpu_check_dry_run_runs_every_step_and_brings_back_eight_files(tmp_path,
                              cwd=tmp_path, capture_output=True, text=True)
     assert rewrite.returncode == 0, rewrite.stderr
     assert (run / "report.md").read_text() == report
+    # and the search's best archs against uniform ones by the stand-alone ground truth
+    gain = subprocess.run([sys.executable, str(ROOT / "bench" / "search_gain.py"), "--name",
+                           run.name, "--runs", str(tmp_path / "runs"), "--top", "2",
+                           "--uniform", "2", "--out", str(tmp_path / "gain")],
+                          capture_output=True, text=True)
+    assert gain.returncode == 0, gain.stderr
+    made = json.loads((tmp_path / "gain" / "search-gain-smoke.json").read_text())
+    searched, drawn = made["archs"]["searched"], made["archs"]["uniform"]
+    assert len(searched) == len(drawn) == 2 and not set(searched) & set(drawn)
+    tops = made["supernet_top1"]["searched"]
+    assert tops == sorted(tops, reverse=True)
+    assert all(t is None or t <= tops[-1] for t in made["supernet_top1"]["uniform"])
+    lo, hi = made["difference"]["ci"]
+    assert lo <= made["difference"]["difference"] <= hi
