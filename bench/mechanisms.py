@@ -556,9 +556,10 @@ def write_pictures(results: dict, out: Path, stem: str) -> list[Path]:
     import matplotlib.pyplot as plt
     paths = []
 
-    def save(fig, name):
+    def save(fig, name, tight=True):  # a constrained layout places itself
         path = out / f"{stem}-{name}.png"
-        fig.tight_layout()
+        if tight:
+            fig.tight_layout()
         fig.savefig(path, dpi=100)
         plt.close(fig)
         paths.append(path)
@@ -611,10 +612,7 @@ def write_pictures(results: dict, out: Path, stem: str) -> list[Path]:
             ax.set(title=v, xlabel="stage-4 depth", ylabel="stage-3 depth" if i == 0 else None)
         fig.colorbar(im, ax=axes[0].tolist(), shrink=0.8,
                      label="recovery gain (loss; red: underestimated)")
-        path = out / f"{stem}-underestimation.png"
-        fig.savefig(path, dpi=100)
-        plt.close(fig)
-        paths.append(path)
+        save(fig, "underestimation", tight=False)
     if "pinas" in results:
         r = results["pinas"]
         fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3.5))
