@@ -129,16 +129,17 @@ def decisive_pair_agreement(pred, truth, seed_noise: float, n_boot: int | None =
     n_boot = N_BOOT if n_boot is None else n_boot
     pred, truth = np.asarray(pred, float), np.asarray(truth, float)
 
-    def share(p, t):
+    def signs(p, t):  # the orders of pred and truth on the decided pairs
         i, j = np.triu_indices(len(t), 1)
         decided = np.abs(t[i] - t[j]) > 2 * seed_noise
-        if not decided.any():
-            return math.nan
-        return float(np.mean(np.sign(p[i] - p[j])[decided] == np.sign(t[i] - t[j])[decided]))
+        return np.sign(p[i] - p[j])[decided], np.sign(t[i] - t[j])[decided]
 
-    i, j = np.triu_indices(len(truth), 1)
+    def share(p, t):
+        a, b = signs(p, t)
+        return float(np.mean(a == b)) if len(a) else math.nan
+
     out = {"share": share(pred, truth), "n": len(truth), "threshold": 2 * seed_noise,
-           "pairs": int(np.sum(np.abs(truth[i] - truth[j]) > 2 * seed_noise))}
+           "pairs": len(signs(pred, truth)[0])}
     if n_boot and out["pairs"] and len(truth) > 2:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -173,22 +174,21 @@ def results_table(results: dict) -> dict:
     return {"rows": rows}
 
 
-def size_floors(truth: dict[str, float], preset: Preset) -> dict:
-    """Rank metrics of FLOPs and of parameter count against the ground truth: rankings that cost
-    no training, which a supernet must beat to be worth its own."""
-    y = list(truth.values())
-    sizes = [supernet.size_of(supernet.decode(c), preset.shape) for c in truth]
-    return {"flops": rank_metrics([f for f, _ in sizes], y),
-            "params": rank_metrics([p for _, p in sizes], y)}
+def arch_sizes(codes, preset: Preset) -> tuple[list[int], list[int]]:
+    """The preset's FLOPs and parameter counts of the archs `codes`: the rankings that cost no
+    training, which a supernet must beat to be worth its own."""
+    sizes = [supernet.size_of(supernet.decode(c), preset.shape) for c in codes]
+    return [f for f, _ in sizes], [q for _, q in sizes]
 
 
 def run_results(truth: dict, accs: dict, ceiling: dict | None, preset: Preset) -> dict:
     """Rank metrics of the supernet and of the FLOPs/params floors against the ground truth,
     and the supernet's `predictor_extras`."""
     pred, y = [accs[c] for c in truth], list(truth.values())
-    flops = [supernet.size_of(supernet.decode(c), preset.shape)[0] for c in truth]
+    flops, params = arch_sizes(truth, preset)
     metrics = rank_metrics(pred, y)
-    return {"metrics": metrics, "noise_ceiling": ceiling, **size_floors(truth, preset),
+    return {"metrics": metrics, "noise_ceiling": ceiling,
+            "flops": rank_metrics(flops, y), "params": rank_metrics(params, y),
             **predictor_extras(pred, y, metrics, ceiling, flops),
             "archs": [{"arch": c, "supernet": accs[c], "truth": truth[c]} for c in truth]}
 
@@ -311,8 +311,7 @@ def write_scatter(path: Path, results: dict, preset: Preset) -> Path:
 
     rows = results["archs"]
     truth = [r["truth"] for r in rows]
-    flops = [supernet.size_of(supernet.decode(r["arch"]), preset.shape)[0] / 1e6
-             for r in rows]
+    flops = [f / 1e6 for f in arch_sizes([r["arch"] for r in rows], preset)[0]]
     fig, (left, right) = plt.subplots(1, 2, figsize=(9, 4), sharey=True)
     left.scatter([r["supernet"] for r in rows], truth, s=14)
     left.set(xlabel="supernet top-1 (inherited weights, BN recalibrated)",

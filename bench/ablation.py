@@ -126,16 +126,14 @@ def verdict_lines(verdicts: dict, rows: list[dict]) -> str:
     return "".join(f"\n\n{line}." for line in lines)
 
 
-def paired_differences(rows: list[dict], truth: dict, preset) -> dict:
+def paired_differences(rows: list[dict], truth: dict, flops: list, params: list) -> dict:
     """The full method minus FLOPs, params and SPOS, per metric, with paired-bootstrap
-    intervals."""
+    intervals (`flops`, `params`: the archs' of `truth`, in its order)."""
     accs = {r["variant"]: r["accs"] for r in rows if "accs" in r}
     if FULL not in accs:
         return {}
     y = list(truth.values())
     full = [accs[FULL][c] for c in truth]
-    flops = [supernet.size_of(supernet.decode(c), preset.shape)[0] for c in truth]
-    params = [supernet.size_of(supernet.decode(c), preset.shape)[1] for c in truth]
     out = {"FLOPs": report.paired_difference(full, flops, y),
            "params": report.paired_difference(full, params, y)}
     if "SPOS" in accs:
@@ -222,14 +220,13 @@ def main(preset: str = typer.Option("cifar", help=", ".join(presets.PRESETS)),
     n = gt_n or p.gt_n
     truth, ceiling = groundtruth.build_ground_truth(folder, p, data, log, n, p.gt_seeds, seed)
     archs, y = [supernet.decode(c) for c in truth], list(truth.values())
-    sizes = [supernet.size_of(a, p.shape) for a in archs]
-    flops = [f for f, _ in sizes]
+    flops, params = report.arch_sizes(truth, p)
 
     def row(variant: str, pred: list, seconds) -> dict:
         metrics = report.rank_metrics(pred, y)
         return {"variant": variant, "metrics": metrics, "seconds": seconds,
                 **report.predictor_extras(pred, y, metrics, ceiling, flops)}
-    rows = [row("FLOPs", flops, None), row("params", [q for _, q in sizes], None)]
+    rows = [row("FLOPs", flops, None), row("params", params, None)]
     for name in chosen:
         st, seconds = train_variant(name, p, data, device, folder, log, seed)
         accs = evaluate.evaluate_run(st, data, archs, log)
@@ -238,7 +235,7 @@ def main(preset: str = typer.Option("cifar", help=", ".join(presets.PRESETS)),
         typer.echo(f"{name:30} kendall {report.format_metric(rows[-1]['metrics'], 'kendall')}  "
                    f"{seconds:.0f} s")
     machine = evaluate.machine_name(device)
-    differences = paired_differences(rows, truth, p)
+    differences = paired_differences(rows, truth, flops, params)
     md = table(rows, ceiling) + differences_table(differences)
     verdicts = targets(rows, ceiling, differences)
     md += verdict_lines(verdicts, rows)
