@@ -4,8 +4,8 @@
     python bench/gt_recipe.py --preset small --train-subset 0 --budgets 12 --archs 12 --spread
 
 Trains the same archs with two seeds at each budget (epochs of the preset's training set, the
-rest of the preset's recipe unchanged; `--train-subset` and `--label-smoothing` override those
-two settings) and reports, per budget: seed-vs-seed Pearson, Kendall and Spearman with 95%
+rest of the preset's recipe unchanged; `--train-subset`, `--label-smoothing`, `--image-size`
+and `--width-mult` override those settings) and reports, per budget: seed-vs-seed Pearson, Kendall and Spearman with 95%
 intervals; the ceiling they imply for any predictor against the 2-seed mean
 (report.spearman_brown_ceiling); Kendall tau of FLOPs against that mean (positive: the ground
 truth ranks capacity, not speed of training); the spread of accuracies; the seconds per net.
@@ -22,7 +22,8 @@ whether the recipe ranks capacity. Its agreement is inflated by that spread, so 
 also projects the seed-vs-seed Kendall onto 40 uniform archs (`projected_kendall`).
 Every net lands in the committed bench/results/groundtruth.json as it finishes (its recipe
 hash keeps budgets apart): a killed run goes on where it stopped, and a rerun only reads.
-Writes bench/results/gt-recipe-<preset>[-ls<x>][-sub<n>][-archseed<s>][-spread].json, .md.
+Writes bench/results/gt-recipe-<preset>[-ls<x>][-sub<n>][-px<n>][-w<x>][-archseed<s>][-spread]
+.json and .md.
 """
 
 import statistics
@@ -162,16 +163,20 @@ def main(preset: str = typer.Option("small", help="the recipe to vary: a preset'
                                                help="override the preset's gt_label_smoothing"),
          train_subset: int = typer.Option(None, min=0, help="override the preset's train_subset "
                                                              "(0: all training images)"),
+         image_size: int = typer.Option(None, min=8, help="override the preset's image size "
+                                                          "(px)"),
+         width_mult: float = typer.Option(None, min=0.0625, max=1.0,
+                                          help="override the preset's width multiplier"),
          device: str = "cpu", data_dir: Path = typer.Option(None),
          out: Path = ROOT / "bench" / "results"):
     if preset not in presets.PRESETS:
         raise typer.BadParameter(f"unknown preset {preset!r}; presets are "
                                  f"{', '.join(presets.PRESETS)}")
-    base = presets.PRESETS[preset]
-    if label_smoothing is not None:
-        base = replace(base, gt_label_smoothing=label_smoothing)
-    if train_subset is not None:
-        base = replace(base, train_subset=train_subset)
+    # the settings overridden, each with the tag it adds to the output's name
+    overrides = {field: (value, f"{tag}{value:g}") for field, value, tag in (
+        ("gt_label_smoothing", label_smoothing, "ls"), ("train_subset", train_subset, "sub"),
+        ("image_size", image_size, "px"), ("width_mult", width_mult, "w")) if value is not None}
+    base = replace(presets.PRESETS[preset], **{f: v for f, (v, _) in overrides.items()})
     try:
         epochs_list = [float(b) for b in budgets.split(",")]
     except ValueError:
@@ -194,9 +199,7 @@ def main(preset: str = typer.Option("small", help="the recipe to vary: a preset'
         typer.echo(table(rows[-1:]) + "\n\n" + readings_table(rows[-1:]))
     md = table(rows) + "\n\n" + readings_table(rows)
     typer.echo("\n" + md)
-    name = (f"gt-recipe-{preset}"
-            + (f"-ls{label_smoothing:g}" if label_smoothing is not None else "")
-            + (f"-sub{train_subset}" if train_subset is not None else "")
+    name = (f"gt-recipe-{preset}" + "".join(f"-{tag}" for _, tag in overrides.values())
             + (f"-archseed{arch_seed}" if arch_seed != 1000 else "")
             + ("-spread" if spread else ""))
     where = f"{device}, {torch.get_num_threads()} threads"

@@ -64,11 +64,12 @@ def test_gt_recipe_curve_reuses_every_net_it_trained(tmp_path, monkeypatch, micr
     monkeypatch.setattr(groundtruth, "SHARED_GROUND_TRUTH", tmp_path / "groundtruth.json")
     monkeypatch.setattr(report, "N_BOOT", 50)  # 16 intervals here: the test reads none of them
 
-    def run():
-        gt_recipe.main(preset="quick", budgets="0.0625,0.125", archs=5, arch_seed=1000,
-                       spread=True, label_smoothing=None, train_subset=None, device="cpu",
-                       data_dir=None, out=tmp_path)
-        return json.loads((tmp_path / "gt-recipe-quick-spread.json").read_text())
+    def run(budgets="0.0625,0.125", name="quick-spread", **overrides):
+        gt_recipe.main(**{"preset": "quick", "budgets": budgets, "archs": 5, "arch_seed": 1000,
+                          "spread": True, "label_smoothing": None, "train_subset": None,
+                          "image_size": None, "width_mult": None, "device": "cpu",
+                          "data_dir": None, "out": tmp_path, **overrides})
+        return json.loads((tmp_path / f"gt-recipe-{name}.json").read_text())
 
     first = run()
     assert [r["epochs"] for r in first["rows"]] == [0.0625, 0.125]
@@ -82,8 +83,16 @@ def test_gt_recipe_curve_reuses_every_net_it_trained(tmp_path, monkeypatch, micr
         assert all(v < 0 for v in row["readings"]["ce"]["seed1"])
     nets = json.loads((tmp_path / "groundtruth.json").read_text())["entries"]
     assert len(nets) == 2 * 5 * 2  # budgets x archs x seeds, each under its own recipe key
+    train = groundtruth.train_standalone
     monkeypatch.setattr(groundtruth, "train_standalone", lambda *a, **k: pytest.fail("retrained"))
     assert run()["rows"] == first["rows"]
+    # the next recipes of the pilot's order: other images and widths, under keys of their own
+    monkeypatch.setattr(groundtruth, "train_standalone", train)
+    other = run("0.0625", "quick-px14-w0.25-spread", image_size=14, width_mult=0.25)
+    assert (other["settings"]["image_size"], other["settings"]["width_mult"]) == (14, 0.25)
+    assert other["rows"][0]["acc_seed0"] != first["rows"][0]["acc_seed0"]
+    nets = json.loads((tmp_path / "groundtruth.json").read_text())["entries"]
+    assert len(nets) == 3 * 5 * 2
 
 
 def test_projected_agreement_is_one_without_seed_noise_and_falls_with_it():
