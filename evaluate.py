@@ -65,25 +65,26 @@ def accuracy(net: nn.Module, arch: supernet.Arch | None, batches) -> float:
 
 @torch.no_grad()
 def heldout_metrics(net: nn.Module, batches) -> dict[str, float]:
-    """A static net's top-1 and mean cross-entropy on the held-out batches, and its top-1 with
-    flip averaging (the mean of the softmax of each image and of its mirror image, the flip
-    the training augmentation uses): three readings of one net, so that the ground truth's
+    """A static net's top-1 and mean cross-entropy on the held-out batches, and both again with
+    flip averaging (on the mean of the softmax of each image and of its mirror image, the flip
+    the training augmentation uses): four readings of one net, so that the ground truth's
     headline metric can be chosen by which one the seeds agree on most."""
     net.eval()
     dev = batches[0][0].device
     correct, correct_flip = (torch.zeros((), dtype=torch.long, device=dev) for _ in range(2))
-    ce = torch.zeros((), dtype=torch.float64, device=dev)
+    ce, ce_flip = (torch.zeros((), dtype=torch.float64, device=dev) for _ in range(2))
     total = 0
     for x, y in batches:
         with autocast(x.device):
             logits, mirrored = net(x).float(), net(x.flip(3)).float()
         correct += (logits.argmax(1) == y).sum()
         ce += F.cross_entropy(logits, y, reduction="sum").double()
-        both = logits.softmax(1) + mirrored.softmax(1)
+        both = (logits.softmax(1) + mirrored.softmax(1)) / 2
         correct_flip += (both.argmax(1) == y).sum()
+        ce_flip -= both.gather(1, y[:, None]).clamp_min(1e-12).log().sum().double()
         total += len(y)
     return {"acc": correct.item() / total, "ce": ce.item() / total,
-            "acc_flip": correct_flip.item() / total}
+            "acc_flip": correct_flip.item() / total, "ce_flip": ce_flip.item() / total}
 
 
 def evaluate_archs(net: supernet.Supernet, sse, archs: list[supernet.Arch], calib, evals,

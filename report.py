@@ -20,11 +20,13 @@ import supernet
 from presets import Preset, preset_from_config, write_json_atomic
 
 # What of a stand-alone net can be its truth (`Preset.gt_reading`): the held-out top-1 of its
-# EMA weights, the same with flip averaging, or minus its held-out cross-entropy (negated, so
-# that for every reading higher is better). bench/gt_recipe.py measures which of them the two
-# seeds agree on most; groundtruth.py stores all three for every net.
+# EMA weights or minus its held-out cross-entropy (negated, so that for every reading higher is
+# better), each also with flip averaging. bench/gt_recipe.py measures which of them the two
+# seeds agree on most; groundtruth.py stores them all for every net (nets trained before
+# 2026-12-04 lack "ce_flip").
 READINGS = {"acc": ("top-1", 1), "acc_flip": ("top-1, flip-averaged", 1),
-            "ce": ("minus test cross-entropy", -1)}
+            "ce": ("minus test cross-entropy", -1),
+            "ce_flip": ("minus test cross-entropy, flip-averaged", -1)}
 
 # ---------------------------------------------------------------- rank metrics
 

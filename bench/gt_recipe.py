@@ -5,12 +5,12 @@
 
 Trains the same archs with two seeds at each budget (epochs of the preset's training set, the
 rest of the preset's recipe unchanged; `--train-subset`, `--label-smoothing`, `--image-size`
-and `--width-mult` override those settings) and reports, per budget: seed-vs-seed Pearson, Kendall and Spearman with 95%
-intervals; the ceiling they imply for any predictor against the 2-seed mean
+and `--width-mult` override those settings) and reports, per budget: seed-vs-seed Pearson,
+Kendall and Spearman with 95% intervals; the ceiling they imply for any predictor against the 2-seed mean
 (report.spearman_brown_ceiling); Kendall tau of FLOPs against that mean (positive: the ground
 truth ranks capacity, not speed of training); the spread of accuracies; the seconds per net.
-Each of these for three readings of every net (report.READINGS): top-1 and held-out
-cross-entropy of the EMA weights, and top-1 with flip averaging; the headline reading
+Each of these for every reading of the nets (report.READINGS): top-1 and held-out
+cross-entropy of the EMA weights, each also with flip averaging; the headline reading
 (`Preset.gt_reading`) is the one the seeds agree on most, chosen here on the recipe archs,
 never on the headline ones.
 
@@ -93,7 +93,8 @@ def reading_row(codes, entries, reading: str, flops, uniform_flops) -> dict:
 
 def budget_row(preset, archs, gt: groundtruth.GroundTruth, data, log, uniform_flops) -> dict:
     """Train what is missing of `archs` x seeds 0, 1 at this recipe; the row of the table,
-    with every reading the nets have (nets trained before the readings have top-1 only)."""
+    with every reading all its nets have (the oldest nets have top-1 only, those before
+    2026-12-04 lack the flip-averaged cross-entropy)."""
     def say(event: str, **f):
         if event == "groundtruth" and f["seed"] == 1:
             log(f"  {preset.gt_epochs:g} epochs  arch {f['done'] // 2}/{len(archs)}  "

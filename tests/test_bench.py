@@ -78,7 +78,7 @@ def test_gt_recipe_curve_reuses_every_net_it_trained(tmp_path, monkeypatch, micr
              for c in first["rows"][0]["archs"]]
     assert flops == sorted(flops)  # across the FLOPs range, smallest first
     for row in first["rows"]:  # every reading of every net, cross-entropy negated
-        assert row["readings"].keys() == {"acc", "ce", "acc_flip"}
+        assert row["readings"].keys() == set(report.READINGS)
         assert row["readings"]["acc"]["seed0"] == row["acc_seed0"]
         assert all(v < 0 for v in row["readings"]["ce"]["seed1"])
     nets = json.loads((tmp_path / "groundtruth.json").read_text())["entries"]

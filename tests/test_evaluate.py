@@ -6,6 +6,7 @@ import statistics
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 import evaluate
 import events
@@ -201,7 +202,21 @@ def test_standalone_training_learns(micro_data):
     finally:
         torch.set_num_threads(threads)
     assert m["acc"] > 0.4 and m["acc_flip"] > 0.4  # ten classes: chance is 0.1
-    assert m["ce"] < math.log(10)  # below the cross-entropy of a uniform guess
+    assert m["ce"] < math.log(10) and m["ce_flip"] < math.log(10)  # below a uniform guess's
+
+
+def test_flip_averaged_readings_agree_for_a_mirror_symmetric_net_and_are_convex_otherwise():
+    torch.manual_seed(0)
+    x, y = torch.randn(64, 1, 6, 6), torch.randint(0, 10, (64,))
+    pooled = nn.Sequential(nn.Conv2d(1, 4, 1), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                           nn.Linear(4, 10))  # a 1x1 conv then a mean: blind to mirroring
+    m = evaluate.heldout_metrics(pooled, [(x, y)])
+    assert m["acc_flip"] == m["acc"] and m["ce_flip"] == pytest.approx(m["ce"], rel=1e-5)
+    flat = nn.Sequential(nn.Flatten(), nn.Linear(36, 10))  # sees where each pixel is
+    m = evaluate.heldout_metrics(flat, [(x, y)])
+    mirrored = evaluate.heldout_metrics(flat, [(x.flip(3), y)])
+    # the cross-entropy of the mean of two softmaxes is below the mean of their cross-entropies
+    assert m["ce_flip"] < (m["ce"] + mirrored["ce"]) / 2
 
 
 def test_challenge_json_round_trips_and_bad_files_are_refused(tmp_path):
