@@ -8,7 +8,8 @@ rest of the preset's recipe unchanged; `--train-subset`, `--label-smoothing`, `-
 and `--width-mult` override those settings) and reports, per budget: seed-vs-seed Pearson,
 Kendall and Spearman with 95% intervals; the ceiling they imply for any predictor against the
 2-seed mean (report.spearman_brown_ceiling); Kendall tau of FLOPs against that mean
-(positive: the ground truth ranks capacity, not speed of training); the spread of accuracies; the seconds per net.
+(positive: the ground truth ranks capacity, not speed of training); the spread of
+accuracies; the seconds per net.
 Each of these for every reading of the nets (report.READINGS): top-1 and held-out
 cross-entropy of the EMA weights, each also with flip averaging; the headline reading
 (`Preset.gt_reading`) is the one the seeds agree on most, chosen here on the recipe archs,
