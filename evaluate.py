@@ -81,7 +81,7 @@ def heldout_metrics(net: nn.Module, batches) -> dict[str, float]:
         ce += F.cross_entropy(logits, y, reduction="sum").double()
         both = (logits.softmax(1) + mirrored.softmax(1)) / 2
         correct_flip += (both.argmax(1) == y).sum()
-        ce_flip -= both.gather(1, y[:, None]).clamp_min(1e-12).log().sum().double()
+        ce_flip += F.nll_loss(both.clamp_min(1e-12).log(), y, reduction="sum").double()
         total += len(y)
     return {"acc": correct.item() / total, "ce": ce.item() / total,
             "acc_flip": correct_flip.item() / total, "ce_flip": ce_flip.item() / total}
