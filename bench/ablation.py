@@ -13,7 +13,8 @@ costs little more than its longest chain. Training times are reported whole: a v
 stages plus those of the chain it starts from (a variant resumed after a kill counts from the
 resume). SPOS is compute-matched: as many forward/backward passes as APS depth + width.
 The full method (+SSE34+Dis) also gets its Kendall, Pearson and Spearman differences against
-FLOPs and against SPOS with paired-bootstrap intervals.
+FLOPs, params and SPOS with paired-bootstrap intervals, and so does each step of the paper's
+order (PS, APS_v3, +CPT, +SSE4, +SSE34, +SSE34+Dis) against the step before it.
 
 Everything lands in runs/ablation-<preset>/ (ground truth, one checkpoint per variant, events),
 so a killed ablation run again skips what is done. Writes
@@ -141,14 +142,35 @@ def paired_differences(rows: list[dict], truth: dict, flops: list, params: list)
     return out
 
 
-def differences_table(differences: dict) -> str:
-    if not differences:
-        return ""
-    lines = ["", "", f"{FULL} minus the baseline, paired bootstrap over the same archs:", "",
-             "| baseline | pearson | kendall | spearman |", "|---|---|---|---|"]
-    for name, d in differences.items():
-        lines.append(f"| {name} | "
-                     + " | ".join(report.format_metric(d, k) for k in report.METRICS) + " |")
+# The paper's ablation order (APS/CPT/SSE paper, Tables 1-3): each variant adds one idea to
+# the one before it, and the paper finds each step a gain (PS <= APS_v3 <= ... <= +SSE34+Dis).
+PAPER_STEPS = ("PS", "APS_v3", "APS_v3+CPT", "+SSE4", "+SSE34", "+SSE34+Dis")
+
+
+def step_differences(rows: list[dict], truth: dict) -> dict:
+    """Each step of the paper's order that both ends of were run: the later variant minus the
+    earlier, per metric, with paired-bootstrap intervals over the same archs ("later - earlier")."""
+    accs = {r["variant"]: r["accs"] for r in rows if "accs" in r}
+    y = list(truth.values())
+    ran = [v for v in PAPER_STEPS if v in accs]
+    return {f"{b} - {a}": report.paired_difference([accs[b][c] for c in truth],
+                                                   [accs[a][c] for c in truth], y)
+            for a, b in zip(ran, ran[1:])}
+
+
+def differences_table(differences: dict, steps: dict) -> str:
+    lines = []
+    for title, rows in ((f"{FULL} minus the baseline, paired bootstrap over the same archs:",
+                         differences),
+                        ("The paper's ablation order, step by step (each variant run minus the "
+                         "one before it in the order), paired bootstrap over the same archs:",
+                         steps)):
+        if rows:
+            lines += ["", "", title, "", "| difference | pearson | kendall | spearman |",
+                      "|---|---|---|---|"]
+            lines += [f"| {name} | " + " | ".join(report.format_metric(d, k)
+                                                  for k in report.METRICS) + " |"
+                      for name, d in rows.items()]
     return "\n".join(lines)
 
 
@@ -236,7 +258,8 @@ def main(preset: str = typer.Option("cifar", help=", ".join(presets.PRESETS)),
                    f"{seconds:.0f} s")
     machine = evaluate.machine_name(device)
     differences = paired_differences(rows, truth, flops, params)
-    md = table(rows, ceiling) + differences_table(differences)
+    steps = step_differences(rows, truth)
+    md = table(rows, ceiling) + differences_table(differences, steps)
     verdicts = targets(rows, ceiling, differences)
     md += verdict_lines(verdicts, rows)
     typer.echo("\n" + md)
@@ -245,7 +268,7 @@ def main(preset: str = typer.Option("cifar", help=", ".join(presets.PRESETS)),
     presets.write_json_atomic(stem.with_suffix(".json"), {
         "date": date.today().isoformat(), "device": machine, "preset": p.name, "dataset": p.dataset,
         "seed": seed, "ground_truth": truth, "noise_ceiling": ceiling, "targets": verdicts,
-        "rows": rows, "differences": differences})
+        "rows": rows, "differences": differences, "steps": steps})
     stem.with_suffix(".md").write_text(f"Ablation, preset {p.name} ({p.dataset}), {machine}, "
                                        f"{date.today().isoformat()}, n = {len(truth)} archs."
                                        f"\n\n{md}\n")

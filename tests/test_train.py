@@ -316,8 +316,9 @@ def test_a_run_takes_one_sse_split():
 # ends with (the supernet, then each SSE copy). Float sums depend on the CPU's kernels, so the
 # values are exact only on the torch build and CPU capability they were recorded with.
 # Elsewhere rounding differences grow with every step (measured: torch 2.11 against 2.14.1 on
-# one CPU agree to 1e-3 on the first two phases, and drift apart by up to 8% by the last), so
-# only the first two phases' losses are held to 1e-3 there.
+# one CPU agree to 1e-3 on the first two phases, and drift apart by up to 8% by the last; an
+# AVX2 CPU (AMD EPYC) against the AVX512 one, same torch: 0.04% and 0.4% on the first two, up
+# to 5% later), so only the first two phases' losses are held there, to 1%.
 PINNED_ON = ("2.14.1", "AVX512")
 PINNED_PRESET = replace(MICRO, epoch_scale=0.005, warmup_epochs=0.0625, probe_eval_images=64)
 PINNED_STAGES = ("pinas", "warmup", "aps_depth", "aps_width", "cpt", "sse34")
@@ -357,5 +358,5 @@ def test_training_computes_bit_for_bit_what_it_computed_before_the_redesign(micr
         assert [weights_hash(w) for w in weights] == PINNED_WEIGHTS
     else:
         assert losses[:2] == pytest.approx([float.fromhex(x) for x in PINNED_LOSSES[:2]],
-                                           rel=1e-3)
+                                           rel=1e-2)
         assert len(losses) == len(PINNED_LOSSES)
