@@ -136,6 +136,35 @@ def test_a_run_takes_committed_ground_truth_instead_of_training(tmp_path, monkey
     assert groundtruth.stored_ground_truth(run_dir, MICRO, "cpu")[0] == truth
 
 
+def test_a_cross_entropy_truth_ranks_lower_loss_higher_and_retrains_nets_without_it(
+        tmp_path, monkeypatch, micro_data):
+    """gt_reading "ce" (`small`, `gpu`): the truth is minus the mean held-out cross-entropy, so
+    the net with the lowest loss ranks first whatever its top-1; a net stored before the
+    reading was measured is trained again rather than read as missing."""
+    from dataclasses import replace
+    by_ce = replace(MICRO, gt_reading="ce")
+    archs = groundtruth.pick_archs(3, 0, by_ce)
+    codes = [supernet.encode(a) for a in archs]
+    r = groundtruth.recipe_key(by_ce, "cpu")
+    gt = groundtruth.GroundTruth(tmp_path / "gt.json")
+    for i, c in enumerate(codes):  # top-1 rises with i, cross-entropy rises too
+        for seed in (0, 1):
+            gt.put(c, MICRO.dataset, r, seed, {"acc": 0.6 + 0.1 * i, "ce": 1.0 + i + 0.1 * seed},
+                   1.0)
+    gt.put(codes[2], MICRO.dataset, r, 1, {"acc": 0.8}, 1.0)  # an old net: no cross-entropy
+    trained = []
+    monkeypatch.setattr(groundtruth, "train_standalone", lambda a, p, d, seed, progress=None: (
+        trained.append((supernet.encode(a), seed)) or {"acc": 0.8, "ce": 3.1}))
+    truth, _ = groundtruth.ground_truth(groundtruth.GroundTruth(tmp_path / "gt.json"), archs, 2,
+                                        by_ce, micro_data, events.EventLog(None))
+    assert trained == [(codes[2], 1)]
+    assert [truth[c] for c in codes] == pytest.approx([-1.05, -2.05, -3.05])
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (tmp_path / "gt.json").rename(run_dir / "groundtruth.json")
+    assert groundtruth.stored_ground_truth(run_dir, by_ce, "cpu")[0] == pytest.approx(truth)
+
+
 def test_uniform_sample_extends_and_the_stratified_one_is_wider():
     small, large = groundtruth.pick_archs(10, 5, MICRO), groundtruth.pick_archs(30, 5, MICRO)
     assert large[:10] == small and len(set(large)) == 30
