@@ -1,6 +1,6 @@
 """More than one process: 2 gloo ranks under torchrun on CPU against 1 process.
 
-One module-wide fixture makes three launches of tests/parallel_worker.py (about 30 s in all):
+One module-wide fixture makes three launches of tests/parallel_worker.py (30-40 s in all):
 alone; under torchrun with 2 ranks, where rank 1 kills itself in the middle of training;
 and under torchrun again, resuming that training. The tests read what each rank left.
 """
