@@ -5,11 +5,11 @@
 
 Trains the same archs with two seeds at each budget (epochs of the preset's training set, the
 rest of the preset's recipe unchanged; `--train-subset`, `--label-smoothing`, `--image-size`
-and `--width-mult` override those settings) and reports, per budget: seed-vs-seed Pearson,
-Kendall and Spearman with 95% intervals; the ceiling they imply for any predictor against the
-2-seed mean (report.spearman_brown_ceiling); Kendall tau of FLOPs against that mean
-(positive: the ground truth ranks capacity, not speed of training); the spread of
-accuracies; the seconds per net.
+and `--width-mult` override those settings) and reports, per budget, in the preset's reading
+(`Preset.gt_reading`): seed-vs-seed Pearson, Kendall and Spearman with 95% intervals; the
+ceiling they imply for any predictor against the 2-seed mean (report.spearman_brown_ceiling);
+Kendall tau of FLOPs against that mean (positive: the ground truth ranks capacity, not speed
+of training); the spread of top-1; the seconds per net.
 Each of these for every reading of the nets (report.READINGS): top-1 and held-out
 cross-entropy of the EMA weights, each also with flip averaging; the headline reading
 (`Preset.gt_reading`) is the one the seeds agree on most, chosen here on the recipe archs,
@@ -23,8 +23,10 @@ whether the recipe ranks capacity. Its agreement is inflated by that spread, so 
 also projects the seed-vs-seed Kendall onto 40 uniform archs (`projected_kendall`).
 Every net lands in the committed bench/results/groundtruth.json as it finishes (its recipe
 hash keeps budgets apart): a killed run goes on where it stopped, and a rerun only reads.
+`--so-far` trains nothing: it reports on the archs whose two seeds are both stored, so a ground
+truth built across sessions (issue 21) shows at each session's end what it says so far.
 Writes bench/results/gt-recipe-<preset>[-ls<x>][-sub<n>][-px<n>][-w<x>][-archseed<s>][-spread]
-.json and .md.
+[-so-far].json and .md.
 """
 
 import statistics
@@ -92,6 +94,13 @@ def reading_row(codes, entries, reading: str, flops, uniform_flops) -> dict:
             "seed0": scores[0], "seed1": scores[1]}
 
 
+def stored_archs(archs, gt: groundtruth.GroundTruth, preset, device) -> list[supernet.Arch]:
+    """Those of `archs` whose nets of seeds 0 and 1 are both stored at the preset's recipe."""
+    key = groundtruth.recipe_key(preset, device)
+    return [a for a in archs if all(gt.key(supernet.encode(a), preset.dataset, key, s)
+                                    in gt.entries for s in (0, 1))]
+
+
 def budget_row(preset, archs, gt: groundtruth.GroundTruth, data, log, uniform_flops) -> dict:
     """Train what is missing of `archs` x seeds 0, 1 at this recipe; the row of the table,
     with every reading all its nets have (the oldest nets have top-1 only, those before
@@ -106,15 +115,16 @@ def budget_row(preset, archs, gt: groundtruth.GroundTruth, data, log, uniform_fl
     codes = [supernet.encode(a) for a in archs]
     entries = [[gt.entries[gt.key(c, preset.dataset, key, seed)] for c in codes] for seed in (0, 1)]
     accs = [[e["acc"] for e in seed] for seed in entries]
-    mean = list(truth.values())
+    top1 = [(a + b) / 2 for a, b in zip(*accs)]
     flops = [supernet.size_of(a, preset.shape)[0] for a in archs]
     readings = [r for r in report.READINGS if all(r in e for seed in entries for e in seed)]
     return {"epochs": preset.gt_epochs, "recipe": key, "n": len(archs),
+            "reading": report.READINGS[preset.gt_reading][0],
             "readings": {r: reading_row(codes, entries, r, flops, uniform_flops)
                          for r in readings},
             "seed_vs_seed": ceiling["seed_vs_seed"], "ceiling": ceiling["ceiling"],
-            "flops_vs_mean": report.rank_metrics(flops, mean),
-            "acc_min": min(mean), "acc_max": max(mean), "acc_sd": statistics.stdev(mean),
+            "flops_vs_mean": report.rank_metrics(flops, list(truth.values())),
+            "acc_min": min(top1), "acc_max": max(top1), "acc_sd": statistics.stdev(top1),
             "seed_diff_mean": statistics.mean(abs(a - b) for a, b in zip(*accs)),
             "seconds_per_net": statistics.mean(e["seconds"] for seed in entries for e in seed),
             "archs": codes, "acc_seed0": accs[0], "acc_seed1": accs[1]}
@@ -122,12 +132,14 @@ def budget_row(preset, archs, gt: groundtruth.GroundTruth, data, log, uniform_fl
 
 def table(rows: list[dict]) -> str:
     fm = report.format_metric
-    lines = ["| epochs | seed-vs-seed kendall | seed-vs-seed pearson | seed-vs-seed spearman "
-             "| ceiling kendall (2-seed mean) | FLOPs vs mean kendall | top-1 range "
-             "| mean seed diff | s per net | n |", "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| epochs | reading | seed-vs-seed kendall | seed-vs-seed pearson "
+             "| seed-vs-seed spearman | ceiling kendall (2-seed mean) | FLOPs vs mean kendall "
+             "| top-1 range | mean top-1 seed diff | s per net | n |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         s = r["seed_vs_seed"]
-        lines.append(f"| {r['epochs']:g} | {fm(s, 'kendall')} | {fm(s, 'pearson')} "
+        lines.append(f"| {r['epochs']:g} | {r.get('reading', 'top-1')} | {fm(s, 'kendall')} "
+                     f"| {fm(s, 'pearson')} "
                      f"| {fm(s, 'spearman')} "
                      f"| {fm(r['ceiling'], 'kendall')} | {fm(r['flops_vs_mean'], 'kendall')} "
                      f"| {r['acc_min']:.4f}-{r['acc_max']:.4f} | {r['seed_diff_mean']:.4f} "
@@ -169,6 +181,8 @@ def main(preset: str = typer.Option("small", help="the recipe to vary: a preset'
                                                           "(px)"),
          width_mult: float = typer.Option(None, min=0.0625, max=1.0,
                                           help="override the preset's width multiplier"),
+         so_far: bool = typer.Option(False, help="train nothing: report on the archs whose "
+                                                 "2 seeds are both stored"),
          device: str = "cpu", data_dir: Path = typer.Option(None),
          out: Path = ROOT / "bench" / "results"):
     if preset not in presets.PRESETS:
@@ -196,23 +210,30 @@ def main(preset: str = typer.Option("small", help="the recipe to vary: a preset'
     gt = groundtruth.GroundTruth(groundtruth.SHARED_GROUND_TRUTH)
     rows = []
     for epochs in epochs_list:
-        rows.append(budget_row(replace(base, gt_epochs=epochs), chosen, gt, data, typer.echo,
-                               uniform_flops))
+        recipe = replace(base, gt_epochs=epochs)
+        todo = stored_archs(chosen, gt, recipe, data.device) if so_far else chosen
+        if len(todo) < 3:
+            raise typer.BadParameter(f"{len(todo)} of {archs} archs have both seeds stored at "
+                                     f"{epochs:g} epochs; --so-far needs 3")
+        rows.append(budget_row(recipe, todo, gt, data, typer.echo, uniform_flops))
         typer.echo(table(rows[-1:]) + "\n\n" + readings_table(rows[-1:]))
     md = table(rows) + "\n\n" + readings_table(rows)
     typer.echo("\n" + md)
     name = (f"gt-recipe-{preset}" + "".join(f"-{tag}" for _, tag in overrides.values())
             + (f"-archseed{arch_seed}" if arch_seed != 1000 else "")
-            + ("-spread" if spread else ""))
+            + ("-spread" if spread else "") + ("-so-far" if so_far else ""))
     where = f"{device}, {torch.get_num_threads()} threads"
+    counted = f"{rows[0]['n']} of {archs}" if so_far else f"{archs}"
     out.mkdir(parents=True, exist_ok=True)
     presets.write_json_atomic(out / f"{name}.json", {
         "date": date.today().isoformat(), "device": where, "preset": preset, "arch_seed": arch_seed,
         "settings": groundtruth.recipe_settings(base, device), "rows": rows})
     (out / f"{name}.md").write_text(f"Ground-truth signal by budget, preset {preset} ({where}), "
-                                    f"{date.today().isoformat()}, {archs} archs (seed {arch_seed}"
+                                    f"{date.today().isoformat()}, {counted} archs (seed {arch_seed}"
                                     f"{', spread by FLOPs' if spread else ''}) "
-                                    f"x 2 seeds.\n\n"
+                                    f"x 2 seeds"
+                                    f"{'; so far: those with both seeds stored' if so_far else ''}"
+                                    f".\n\n"
                                     f"{md}\n")
     typer.echo(f"wrote {out / name}.json and .md")
 

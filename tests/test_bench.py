@@ -67,7 +67,7 @@ def test_gt_recipe_curve_reuses_every_net_it_trained(tmp_path, monkeypatch, micr
     def run(budgets="0.0625,0.125", name="quick-spread", **overrides):
         gt_recipe.main(**{"preset": "quick", "budgets": budgets, "archs": 5, "arch_seed": 1000,
                           "spread": True, "label_smoothing": None, "train_subset": None,
-                          "image_size": None, "width_mult": None, "device": "cpu",
+                          "image_size": None, "width_mult": None, "so_far": False, "device": "cpu",
                           "data_dir": None, "out": tmp_path, **overrides})
         return json.loads((tmp_path / f"gt-recipe-{name}.json").read_text())
 
@@ -93,6 +93,37 @@ def test_gt_recipe_curve_reuses_every_net_it_trained(tmp_path, monkeypatch, micr
     assert other["rows"][0]["acc_seed0"] != first["rows"][0]["acc_seed0"]
     nets = json.loads((tmp_path / "groundtruth.json").read_text())["entries"]
     assert len(nets) == 3 * 5 * 2
+
+
+def test_gt_recipe_so_far_reports_the_stored_archs_and_trains_none(tmp_path, monkeypatch,
+                                                                   micro_data):
+    import groundtruth
+    import gt_recipe
+    import report
+    monkeypatch.setitem(presets.PRESETS, "quick", replace(QUICK, eval_subset=64))
+    monkeypatch.setattr(groundtruth, "SHARED_GROUND_TRUTH", tmp_path / "groundtruth.json")
+    monkeypatch.setattr(report, "N_BOOT", 50)
+
+    def run(archs, so_far):
+        gt_recipe.main(preset="quick", budgets="0.0625", archs=archs, arch_seed=1000,
+                       spread=False, label_smoothing=None, train_subset=None, image_size=None,
+                       width_mult=None, so_far=so_far, device="cpu", data_dir=None, out=tmp_path)
+        name = "gt-recipe-quick" + ("-so-far" if so_far else "")
+        return json.loads((tmp_path / f"{name}.json").read_text())["rows"][0]
+
+    train = groundtruth.train_standalone
+    monkeypatch.setattr(groundtruth, "train_standalone", lambda *a, **k: pytest.fail("trained"))
+    with pytest.raises(Exception, match="0 of 5 archs have both seeds stored"):
+        run(5, so_far=True)
+    monkeypatch.setattr(groundtruth, "train_standalone", train)
+    done = run(3, so_far=False)
+    monkeypatch.setattr(groundtruth, "train_standalone", lambda *a, **k: pytest.fail("trained"))
+    so_far = run(5, so_far=True)  # the first 3 of 5 uniform archs are the 3 trained
+    assert so_far["n"] == 3 and so_far["archs"] == done["archs"]
+    assert so_far["acc_seed0"] == done["acc_seed0"]
+    assert 0 < so_far["acc_min"] <= so_far["acc_max"] <= 1  # top-1, whatever the reading
+    md = (tmp_path / "gt-recipe-quick-so-far.md").read_text()
+    assert "3 of 5 archs" in md and "both seeds stored" in md
 
 
 def test_projected_agreement_is_one_without_seed_noise_and_falls_with_it():
