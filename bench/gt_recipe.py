@@ -95,10 +95,11 @@ def reading_row(codes, entries, reading: str, flops, uniform_flops) -> dict:
 
 
 def stored_archs(archs, gt: groundtruth.GroundTruth, preset, device) -> list[supernet.Arch]:
-    """Those of `archs` whose nets of seeds 0 and 1 are both stored at the preset's recipe."""
+    """Those of `archs` whose nets of seeds 0 and 1 both have the preset's reading stored at
+    its recipe: what `groundtruth.ground_truth` would not train again."""
     key = groundtruth.recipe_key(preset, device)
-    return [a for a in archs if all(gt.key(supernet.encode(a), preset.dataset, key, s)
-                                    in gt.entries for s in (0, 1))]
+    return [a for a in archs if all(gt.get(supernet.encode(a), preset.dataset, key, s,
+                                           preset.gt_reading) is not None for s in (0, 1))]
 
 
 def budget_row(preset, archs, gt: groundtruth.GroundTruth, data, log, uniform_flops) -> dict:

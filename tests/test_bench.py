@@ -100,7 +100,8 @@ def test_gt_recipe_so_far_reports_the_stored_archs_and_trains_none(tmp_path, mon
     import groundtruth
     import gt_recipe
     import report
-    monkeypatch.setitem(presets.PRESETS, "quick", replace(QUICK, eval_subset=64))
+    # the truth a cross-entropy, as small's: the table must still give top-1 as top-1
+    monkeypatch.setitem(presets.PRESETS, "quick", replace(QUICK, eval_subset=64, gt_reading="ce"))
     monkeypatch.setattr(groundtruth, "SHARED_GROUND_TRUTH", tmp_path / "groundtruth.json")
     monkeypatch.setattr(report, "N_BOOT", 50)
 
@@ -121,7 +122,8 @@ def test_gt_recipe_so_far_reports_the_stored_archs_and_trains_none(tmp_path, mon
     so_far = run(5, so_far=True)  # the first 3 of 5 uniform archs are the 3 trained
     assert so_far["n"] == 3 and so_far["archs"] == done["archs"]
     assert so_far["acc_seed0"] == done["acc_seed0"]
-    assert 0 < so_far["acc_min"] <= so_far["acc_max"] <= 1  # top-1, whatever the reading
+    assert 0 < so_far["acc_min"] <= so_far["acc_max"] <= 1
+    assert so_far["reading"] == report.READINGS["ce"][0]
     md = (tmp_path / "gt-recipe-quick-so-far.md").read_text()
     assert "3 of 5 archs" in md and "both seeds stored" in md
 
