@@ -84,8 +84,8 @@ TINY = Preset(
 # (warm-up 938; APS depth 282 and width 375 at K = 4 paths; CPT 281 and SSE34 280 at 1 + 10
 # pool paths, SSE's with the teacher's forward too): about 9,700 path passes, 2.5 M image
 # passes, 3.5 times one stand-alone net's 0.72 M, 1/23 of its 80-net ground truth's. The
-# budget is what keeps `all` within 30 minutes on 2 CPU cores (BENCHMARKS: at 0.05 the
-# training alone took 25.5 minutes).
+# budget is what keeps `all` within 30 minutes on 2 CPU cores (BENCHMARKS: 26.7 minutes, 24.7
+# of them training; at 0.05 the training alone took 25.5 minutes without the rank probes).
 SMALL = Preset(
     name="small", dataset="fashion-mnist", image_size=14, in_channels=1, num_classes=10,
     width_mult=0.125, divisor=2, batch_size=256, epoch_scale=0.04, lr_scale=10,
