@@ -16,7 +16,7 @@ Reference ("Sec." above):
 """
 
 import platform
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 
 import torch
 import torch.nn as nn
@@ -93,21 +93,38 @@ def evaluate_archs(net: supernet.Supernet, sse, archs: list[supernet.Arch], cali
 
     `sse` (sse.SubSupernets, or None before any split): each arch is evaluated with the
     sub-supernet that owns it; archs are grouped by owner so each one's weights are loaded
-    once. The net holds the same weights afterwards as before, also when this raises.
+    once. The net holds the same weights and BN statistics afterwards as before, also when
+    this raises: an evaluation during training (a rank probe) must leave no trace in it, since
+    eval-mode forwards later read those statistics (SSE's teacher is taken from the net).
     """
     groups: dict[int | None, list[supernet.Arch]] = {}
     for a in archs:
         groups.setdefault(sse.owner(a) if sse else None, []).append(a)
     results, done = {}, 0
-    for owner, members in groups.items():
-        with sse.holding(net, owner) if sse else nullcontext():
-            for a in members:
-                calibrate_bn(net, a, calib)
-                results[supernet.encode(a)] = accuracy(net, a, evals)
-                done += 1
-                if progress:
-                    progress(done, len(archs))
+    with bn_statistics_kept(net):
+        for owner, members in groups.items():
+            with sse.holding(net, owner) if sse else nullcontext():
+                for a in members:
+                    calibrate_bn(net, a, calib)
+                    results[supernet.encode(a)] = accuracy(net, a, evals)
+                    done += 1
+                    if progress:
+                        progress(done, len(archs))
     return {supernet.encode(a): results[supernet.encode(a)] for a in archs}
+
+
+@contextmanager
+def bn_statistics_kept(net: nn.Module):
+    """Puts every BN running statistic of `net` back as it was on exit (a copy of the BN
+    buffers only, a few kB, never of the supernet)."""
+    kept = [(b, b.clone()) for m in net.modules() if isinstance(m, nn.BatchNorm2d)
+            for b in (m.running_mean, m.running_var) if b is not None]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for b, saved in kept:
+                b.copy_(saved)
 
 
 def evaluate_run(st, data, archs: list[supernet.Arch], log) -> dict[str, float]:

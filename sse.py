@@ -122,7 +122,9 @@ def stronger_teacher(net: supernet.Supernet, warmup_weights: dict, score, log) -
     The paper distils from the pretrained ResNet-48 the challenge handed out. Our warm-up
     stands in for it, and at small budgets it can be weaker than the largest subnet after the
     stages that follow it; a weaker teacher would pull SSE down, so we take the stronger one.
-    Without `score` the warm-up's net is the teacher.
+    Without `score` the warm-up's net is the teacher. With it, the teacher is the net as it was
+    scored, BN statistics included: `score` recalibrates them, and the teacher runs in eval
+    mode on them (the warm-up's running statistics, an EMA, are not what was scored).
     """
     if score is None:
         return warmup_weights
@@ -133,6 +135,5 @@ def stronger_teacher(net: supernet.Supernet, warmup_weights: dict, score, log) -
     warm_top1, largest_top1 = parallel.from_main((score(warm), score(largest)))
     chosen = "largest subnet" if largest_top1 > warm_top1 else "warm-up"
     log("kd_teacher", warmup_top1=warm_top1, largest_subnet_top1=largest_top1, chosen=chosen)
-    if largest_top1 > warm_top1:
-        return {k: v.clone() for k, v in largest.state_dict().items()}
-    return warmup_weights
+    teacher = largest if largest_top1 > warm_top1 else warm
+    return {k: v.clone() for k, v in teacher.state_dict().items()}

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import data
+import evaluate
 import events
 import presets
 import sse
@@ -197,6 +198,25 @@ def test_sse_distils_from_the_stronger_of_warm_up_and_largest_subnet(micro_data)
         assert torch.equal(teacher["fc.bias"], (st.net.fc.bias if chosen != "warm-up"
                                                 else warm_teacher["fc.bias"]))
     assert not torch.equal(warm_teacher["fc.bias"], st.net.fc.bias)
+    # the teacher is the net as it was scored, BN statistics included (the real scorer
+    # recalibrates them; the warm-up's own statistics are made wrong here, so keeping them fails)
+    calib = micro_data.calib_batches(2, 32, seed=1)
+    with torch.no_grad():
+        for k, v in st.warmup_weights.items():
+            if k.endswith("running_var"):
+                v.mul_(100.0)
+    for scores in ([0.7, 0.5], [0.5, 0.7]):
+        answers = iter(scores)
+
+        def score(net):
+            evaluate.calibrate_bn(net, None, calib)
+            return next(answers)
+        teacher = sse.stronger_teacher(st.net, st.warmup_weights, score, log)
+        net = supernet.StaticNet(supernet.MAX_ARCH, MICRO.shape)
+        net.load_state_dict(teacher)
+        evaluate.calibrate_bn(net, None, calib)  # idempotent: the first batch's momentum is 1
+        stats = [k for k in teacher if k.endswith(("running_mean", "running_var"))]
+        assert stats and all(torch.equal(net.state_dict()[k], teacher[k]) for k in stats)
     # the split keeps the chosen teacher, and SSE's phases distil from it
     phase = stages.stage_phases("sse34", MICRO)[0]
     answers = iter([0.5, 0.7])
