@@ -93,32 +93,33 @@ def evaluate_archs(net: supernet.Supernet, sse, archs: list[supernet.Arch], cali
 
     `sse` (sse.SubSupernets, or None before any split): each arch is evaluated with the
     sub-supernet that owns it; archs are grouped by owner so each one's weights are loaded
-    once. The net holds the same weights and BN statistics afterwards as before, also when
-    this raises: an evaluation during training (a rank probe) must leave no trace in it, since
-    eval-mode forwards later read those statistics (SSE's teacher is taken from the net).
+    once. The net, and every SSE copy, holds the same weights and BN statistics afterwards as
+    before, also when this raises: an evaluation during training (a rank probe) must leave no
+    trace, since eval-mode forwards later read those statistics (SSE's teacher is taken from
+    the net).
     """
     groups: dict[int | None, list[supernet.Arch]] = {}
     for a in archs:
         groups.setdefault(sse.owner(a) if sse else None, []).append(a)
     results, done = {}, 0
-    with bn_statistics_kept(net):
-        for owner, members in groups.items():
-            with sse.holding(net, owner) if sse else nullcontext():
-                for a in members:
-                    calibrate_bn(net, a, calib)
-                    results[supernet.encode(a)] = accuracy(net, a, evals)
-                    done += 1
-                    if progress:
-                        progress(done, len(archs))
+    for owner, members in groups.items():
+        # statistics put back before `holding` stores the copy away again
+        with sse.holding(net, owner) if sse else nullcontext(), bn_statistics_kept(net):
+            for a in members:
+                calibrate_bn(net, a, calib)
+                results[supernet.encode(a)] = accuracy(net, a, evals)
+                done += 1
+                if progress:
+                    progress(done, len(archs))
     return {supernet.encode(a): results[supernet.encode(a)] for a in archs}
 
 
 @contextmanager
 def bn_statistics_kept(net: nn.Module):
     """Puts every BN running statistic of `net` back as it was on exit (a copy of the BN
-    buffers only, a few kB, never of the supernet)."""
+    buffers only, never of the supernet)."""
     kept = [(b, b.clone()) for m in net.modules() if isinstance(m, nn.BatchNorm2d)
-            for b in (m.running_mean, m.running_var) if b is not None]
+            for b in (m.running_mean, m.running_var, m.num_batches_tracked) if b is not None]
     try:
         yield
     finally:

@@ -109,6 +109,16 @@ def test_an_evaluation_that_fails_leaves_the_supernet_with_the_weights_it_held(t
     assert st.sse.current == held
     for k, v in st.net.state_dict().items():
         assert torch.equal(v, before[k]), k
+    # one that succeeds leaves every copy's BN statistics as they were too
+    copies = {sub: {k: v.clone() for k, v in w.items()} for sub, w in st.sse.weights.items()
+              if w is not None and sub != held}
+    evaluate.evaluate_archs(st.net, st.sse, archs, calib, micro_data.eval_batches(64))
+    assert copies and st.sse.current == held
+    for sub, w in copies.items():
+        for k, v in w.items():
+            assert torch.equal(st.sse.weights[sub][k], v), (sub, k)
+    for k, v in st.net.state_dict().items():
+        assert torch.equal(v, before[k]), k
 
 
 def test_exported_program_gives_the_supernets_logits_without_the_project(trained, micro_data,
