@@ -119,8 +119,9 @@ def verdict_lines(verdicts: dict, rows: list[dict]) -> str:
             line += (f" by the point estimates (difference {v['difference']:.3f}; its paired "
                      f"95% interval [{lo:.3f}, {hi:.3f}] is {sure} 0.05)")
         lines.append(line)
-    flops = {r["variant"]: r["metrics"]["kendall"] for r in rows}.get("FLOPs", 0.0)
-    if flops < 0:
+    floor = {r["variant"]: r["metrics"] for r in rows}.get("FLOPs", {"kendall": 0.0})
+    flops = floor["kendall"]
+    if floor.get("kendall_ci", (flops, flops))[1] < 0:  # decidedly backwards, not just below 0
         lines.append(f"FLOPs rank these archs backwards (Kendall {flops:.3f}): the reversed "
                      f"ranking, smaller is better, reaches {-flops:.3f}, so beating FLOPs' own "
                      "Kendall says little here")

@@ -155,6 +155,11 @@ def test_ablation_verdicts_give_the_paired_interval_and_flag_a_backwards_floor()
     assert "smaller is better, reaches 0.500" in text
     rows[0] = row("FLOPs", 0.1)
     assert "backwards" not in ablation.verdict_lines(verdicts, rows)
+    # below 0 with an interval that reaches above it is no sign of anything
+    rows[0] = {"variant": "FLOPs", "metrics": {"kendall": -0.018, "kendall_ci": (-0.23, 0.20)}}
+    assert "backwards" not in ablation.verdict_lines(verdicts, rows)
+    rows[0]["metrics"]["kendall_ci"] = (-0.7, -0.28)
+    assert "backwards" in ablation.verdict_lines(verdicts, rows)
 
 
 def test_ablation_steps_follow_the_papers_order_and_skip_variants_not_run():
