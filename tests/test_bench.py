@@ -236,3 +236,7 @@ def test_gpu_check_dry_run_runs_every_step_and_brings_back_eight_files(tmp_path,
     assert all(t is None or t <= tops[-1] for t in made["supernet_top1"]["uniform"])
     lo, hi = made["difference"]["ci"]
     assert lo <= made["difference"]["difference"] <= hi
+    top1 = made["top1_means"]
+    assert all(0 < v < 1 for g in top1.values() for v in g)
+    assert made["top1_difference"]["difference"] == pytest.approx(
+        sum(top1["searched"]) / 2 - sum(top1["uniform"]) / 2)
