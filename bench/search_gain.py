@@ -5,13 +5,14 @@
 On a run that `nas.py all` finished: the `top` best archs of its search (search.jsonl, the
 run's last weights) under the budget `all` searches under (half the largest arch's FLOPs,
 `search.default_budget`), and `uniform` archs drawn uniformly within the same budget (seeded,
-none of the top ones). Each is trained stand-alone with the run's preset's recipe x 2 seeds,
-cached in the run's groundtruth.json and the committed bench/results/groundtruth.json (so a
-killed run goes on where it stopped). Reports the preset's reading (`Preset.gt_reading`), and
-top-1, per group and the difference of the group means, searched minus uniform, with a 95%
-bootstrap interval that resamples the archs of each group; and, seed by seed, the same
-difference (both groups' nets of one seed see the same images in the same order: our reading
-of "paired").
+none of the top ones). Each is trained stand-alone with the run's preset's recipe x 2 seeds
+and written as it finishes into `--store`, by default the committed
+bench/results/groundtruth.json, so a killed run, or the next session, goes on where it stopped
+(nets found only in the run's groundtruth.json are copied there). Reports the preset's reading
+(`Preset.gt_reading`), and top-1, per group and the difference of the group means, searched
+minus uniform, with a 95% bootstrap interval that resamples the archs of each group; and, seed
+by seed, the same difference (both groups' nets of one seed see the same images in the same
+order: our reading of "paired").
 Writes bench/results/search-gain-<preset>.json and prints the table.
 """
 
@@ -62,6 +63,8 @@ def main(name: str = typer.Option(..., help="a run that `nas.py all` finished, i
          top: int = typer.Option(4, min=2), uniform: int = typer.Option(4, min=2),
          seed: int = 0, device: str = "cpu", data_dir: Path = typer.Option(None),
          runs: Path = typer.Option(ROOT / "runs"),
+         store: Path = typer.Option(groundtruth.SHARED_GROUND_TRUTH,
+                                    help="the ground-truth file each net is written into"),
          out: Path = typer.Option(ROOT / "bench" / "results")):
     run_dir = runs / name
     if not (run_dir / "config.json").exists() or not (run_dir / "search.jsonl").exists():
@@ -86,7 +89,9 @@ def main(name: str = typer.Option(..., help="a run that `nas.py all` finished, i
         raise typer.BadParameter(f"the search of {name} holds {len(searched)} archs under "
                                  f"{budget.describe()} with its last weights, fewer than {top}")
     drawn = search.sample_within(random.Random(seed), uniform, admits, exclude=searched)
-    gt = groundtruth.GroundTruth(run_dir / "groundtruth.json", groundtruth.SHARED_GROUND_TRUTH)
+    # The store is what survives the session (committed); the run's own file, read-only here,
+    # may hold nets an earlier version of this script wrote there.
+    gt = groundtruth.GroundTruth(store, run_dir / "groundtruth.json")
     echo = ablation.echo(events.EventLog(run_dir / "search-gain-events.jsonl"))
     groundtruth.ground_truth(gt, searched + drawn, 2, p, data, echo)
     recipe = groundtruth.recipe_key(p, data.device)

@@ -225,12 +225,17 @@ def test_gpu_check_dry_run_runs_every_step_and_brings_back_eight_files(tmp_path,
     # and the search's best archs against uniform ones by the stand-alone ground truth
     gain = subprocess.run([sys.executable, str(ROOT / "bench" / "search_gain.py"), "--name",
                            run.name, "--runs", str(tmp_path / "runs"), "--top", "2",
-                           "--uniform", "2", "--out", str(tmp_path / "gain")],
+                           "--uniform", "2", "--out", str(tmp_path / "gain"),
+                           "--store", str(tmp_path / "store.json")],
                           capture_output=True, text=True)
     assert gain.returncode == 0, gain.stderr
     made = json.loads((tmp_path / "gain" / "search-gain-smoke.json").read_text())
     searched, drawn = made["archs"]["searched"], made["archs"]["uniform"]
     assert len(searched) == len(drawn) == 2 and not set(searched) & set(drawn)
+    # every net went into the store, the file that is committed and survives the run folder
+    stored = json.loads((tmp_path / "store.json").read_text())["entries"]
+    assert {(e["arch"], e["seed"]) for e in stored} == {
+        (a, s) for a in searched + drawn for s in (0, 1)}
     tops = made["supernet_top1"]["searched"]
     assert tops == sorted(tops, reverse=True)
     assert all(t is None or t <= tops[-1] for t in made["supernet_top1"]["uniform"])
