@@ -233,6 +233,14 @@ def blocks_of(arch: Arch, shape: NetShape) -> tuple[Block, ...]:
     return tuple(out)
 
 
+def physical_net(arch: Arch, shape: NetShape) -> tuple:
+    """What `arch` builds at `shape`: the stem's and every block's channels. Two codes give one
+    net where rounding to the divisor merges width codes (at width x0.125 all three codes of the
+    64-channel stage give 8 channels): the same weights in the supernet, the same net
+    stand-alone."""
+    return stem_channels(arch, shape), blocks_of(arch, shape)
+
+
 def feature_width(arch: Arch, shape: NetShape) -> int:
     """Channels of the pooled features: the classifier's input."""
     return shape.ch(BASE_WIDTHS[3], arch.outs[3])

@@ -42,21 +42,32 @@ import trainer  # noqa: E402
 from data import DataError, load_data  # noqa: E402
 
 
-def best_searched(log: search.SearchLog, admits, top: int) -> list[supernet.Arch]:
-    """The `top` archs of highest supernet top-1 in the search log that `admits` accepts."""
+def best_searched(log: search.SearchLog, admits, top: int, shape) -> list[supernet.Arch]:
+    """The `top` archs of highest supernet top-1 in the search log that `admits` accepts, one
+    per net: codes that build the same net at `shape` (`supernet.physical_net`) count once."""
     inside = [(t, c) for c, t in log.top1.items() if admits(supernet.decode(c))]
-    return [supernet.decode(c) for _, c in sorted(inside, reverse=True)[:top]]
+    best: dict[tuple, supernet.Arch] = {}
+    for _, c in sorted(inside, reverse=True):
+        arch = supernet.decode(c)
+        best.setdefault(supernet.physical_net(arch, shape), arch)
+        if len(best) == top:
+            break
+    return list(best.values())
 
 
 def group_difference(searched: list[float], uniform: list[float], seed: int = 0) -> dict:
     """Mean of `searched` minus mean of `uniform`, with a 95% bootstrap interval (each group's
-    values resampled apart)."""
+    values resampled apart) and Welch's t-test p-value. With 4 values a group the percentile
+    interval is too narrow (a resample of 4 varies less than the population does); the t-test
+    accounts for the small groups, so both are reported."""
     diff = lambda a, b: np.mean(a) - np.mean(b)  # noqa: E731
     boot = scipy.stats.bootstrap((np.asarray(searched), np.asarray(uniform)), diff,
                                  vectorized=False, n_resamples=report.N_BOOT,
                                  method="percentile", **report.bootstrap_seed(seed))
     bounds = np.percentile(boot.bootstrap_distribution, [2.5, 97.5])
-    return {"difference": float(diff(searched, uniform)), "ci": [float(v) for v in bounds]}
+    welch = scipy.stats.ttest_ind(searched, uniform, equal_var=False)
+    return {"difference": float(diff(searched, uniform)), "ci": [float(v) for v in bounds],
+            "welch_p": float(welch.pvalue)}
 
 
 def main(name: str = typer.Option(..., help="a run that `nas.py all` finished, in --runs"),
@@ -84,11 +95,15 @@ def main(name: str = typer.Option(..., help="a run that `nas.py all` finished, i
                            evaluate.machine_name(data.device))
     fitness = search.Fitness(st, data, log)
     admits = lambda a: fitness.admits(a, budget)  # noqa: E731
-    searched = best_searched(log, admits, top)
+    searched = best_searched(log, admits, top, p.shape)
     if len(searched) < top:
-        raise typer.BadParameter(f"the search of {name} holds {len(searched)} archs under "
-                                 f"{budget.describe()} with its last weights, fewer than {top}")
-    drawn = search.sample_within(random.Random(seed), uniform, admits, exclude=searched)
+        raise typer.BadParameter(f"the search of {name} holds {len(searched)} distinct nets "
+                                 f"under {budget.describe()} with its last weights, fewer "
+                                 f"than {top}")
+    taken = {supernet.physical_net(a, p.shape) for a in searched}
+    drawn = search.sample_within(
+        random.Random(seed), uniform,
+        lambda a: admits(a) and supernet.physical_net(a, p.shape) not in taken, exclude=searched)
     # The store is what survives the session (committed); the run's own file, read-only here,
     # may hold nets an earlier version of this script wrote there.
     gt = groundtruth.GroundTruth(store, run_dir / "groundtruth.json")
@@ -125,12 +140,13 @@ def main(name: str = typer.Option(..., help="a run that `nas.py all` finished, i
                f"  searched ({top}): {statistics.mean(means['searched']):.4f}\n"
                f"  uniform  ({len(drawn)}): {statistics.mean(means['uniform']):.4f}\n"
                f"  searched minus uniform: {d['difference']:+.4f} "
-               f"[{d['ci'][0]:+.4f}, {d['ci'][1]:+.4f}]; seed 0 "
+               f"[{d['ci'][0]:+.4f}, {d['ci'][1]:+.4f}], Welch p {d['welch_p']:.3f}; seed 0 "
                f"{result['per_seed_difference'][0]:+.4f}, seed 1 "
                f"{result['per_seed_difference'][1]:+.4f}\n"
                f"top-1: searched {statistics.mean(top1['searched']):.4f}, uniform "
                f"{statistics.mean(top1['uniform']):.4f}, searched minus uniform "
-               f"{t['difference']:+.4f} [{t['ci'][0]:+.4f}, {t['ci'][1]:+.4f}]")
+               f"{t['difference']:+.4f} [{t['ci'][0]:+.4f}, {t['ci'][1]:+.4f}], "
+               f"Welch p {t['welch_p']:.3f}")
     typer.echo(f"wrote {out / f'search-gain-{p.name}.json'}")
 
 

@@ -241,7 +241,21 @@ def test_gpu_check_dry_run_runs_every_step_and_brings_back_eight_files(tmp_path,
     assert all(t is None or t <= tops[-1] for t in made["supernet_top1"]["uniform"])
     lo, hi = made["difference"]["ci"]
     assert lo <= made["difference"]["difference"] <= hi
+    assert 0 <= made["difference"]["welch_p"] <= 1
     top1 = made["top1_means"]
     assert all(0 < v < 1 for g in top1.values() for v in g)
     assert made["top1_difference"]["difference"] == pytest.approx(
         sum(top1["searched"]) / 2 - sum(top1["uniform"]) / 2)
+
+
+def test_search_gain_takes_each_net_once_among_the_best():
+    import search_gain
+    shape = supernet.NetShape(image_size=14, in_channels=1, num_classes=10, width_mult=0.125,
+                              divisor=2)
+    codes = {"1332312111110000122222000051110000000000002424640000": 0.9,
+             "1332311121110000122222000051110000000000002424640000": 0.8,  # the same net
+             "1233233333000000122222000043333300000000003353000000": 0.7,
+             "1222331323000000131300000051110000000000002424640000": 0.6}
+    log = type("Log", (), {"top1": codes})()
+    best = search_gain.best_searched(log, lambda a: True, 2, shape)
+    assert [supernet.encode(a) for a in best] == [list(codes)[0], list(codes)[2]]
