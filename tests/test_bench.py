@@ -12,6 +12,7 @@ from conftest import MICRO, ROOT
 
 sys.path.insert(0, str(ROOT / "bench"))
 import ablation  # noqa: E402
+import search_gain  # noqa: E402
 
 # One or two steps a phase: enough to tell a chained variant from a retrained one.
 QUICK = replace(MICRO, name="quick", epoch_scale=0.004, warmup_epochs=0.0625, gt_epochs=0.0625)
@@ -249,7 +250,6 @@ def test_gpu_check_dry_run_runs_every_step_and_brings_back_eight_files(tmp_path,
 
 
 def test_search_gain_takes_each_net_once_among_the_best():
-    import search_gain
     shape = supernet.NetShape(image_size=14, in_channels=1, num_classes=10, width_mult=0.125,
                               divisor=2)
     codes = {"1332312111110000122222000051110000000000002424640000": 0.9,
