@@ -149,6 +149,9 @@ class Fitness:
         self.calib = data.calib_batches(preset.calib_batches, preset.calib_batch_size, seed=0)
         self.evals = data.eval_batches(preset.eval_subset)
         self.evaluated = 0  # evaluations this process made (not read from the log)
+        # the net each scored code builds: at narrow widths several codes build one net
+        self.scored_nets = {supernet.physical_net(supernet.decode(c), preset.shape): c
+                            for c in log.top1}
 
     def latency(self, arch: supernet.Arch) -> float:
         code = supernet.encode(arch)
@@ -167,19 +170,36 @@ class Fitness:
         return budget.latency_ms is None or self.latency(arch) <= budget.latency_ms
 
     def __call__(self, archs: list[supernet.Arch]) -> dict[str, float]:
-        """{code: top-1} of `archs`, evaluating only those the log does not hold."""
-        todo = [a for a in dict.fromkeys(archs) if supernet.encode(a) not in self.log.top1]
+        """{code: top-1} of `archs`, evaluating only the nets the log does not hold. A code that
+        builds the same net as a scored one (`supernet.physical_net`: narrow presets round
+        width codes together) takes its score, which evaluating it would repeat exactly."""
+        todo, twins = [], {}
+        for a in dict.fromkeys(archs):
+            if supernet.encode(a) in self.log.top1:
+                continue
+            net = supernet.physical_net(a, self.preset.shape)
+            if net in self.scored_nets:
+                twins[a] = self.scored_nets[net]
+            else:
+                self.scored_nets[net] = supernet.encode(a)
+                todo.append(a)
         if todo:
             accs = evaluate.evaluate_archs(self.st.net, self.st.sse, todo, self.calib, self.evals)
             for a in todo:
-                code = supernet.encode(a)
-                flops, params = challenge_size(a)
-                preset_flops = supernet.size_of(a, self.preset.shape)[0]
-                self.log.top1[code] = accs[code]
-                self.log.append({"arch": code, "weights": self.log.weights, "top1": accs[code],
-                                 "flops": flops, "params": params, "preset_flops": preset_flops})
+                self._record(a, accs[supernet.encode(a)])
             self.evaluated += len(todo)
+        for a, twin in twins.items():
+            self._record(a, self.log.top1[twin], same_net_as=twin)
         return {supernet.encode(a): self.log.top1[supernet.encode(a)] for a in archs}
+
+    def _record(self, arch: supernet.Arch, top1: float, **extra) -> None:
+        code = supernet.encode(arch)
+        flops, params = challenge_size(arch)
+        preset_flops = supernet.size_of(arch, self.preset.shape)[0]
+        self.log.top1[code] = top1
+        self.log.append({"arch": code, "weights": self.log.weights, "top1": top1,
+                         "flops": flops, "params": params, "preset_flops": preset_flops,
+                         **extra})
 
 
 # ---------------------------------------------------------------- evolution

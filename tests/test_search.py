@@ -192,3 +192,23 @@ def test_fine_tuning_killed_and_resumed_equals_uninterrupted(micro_data, tmp_pat
                                     what="a")["acc"] == top1["acc"]
     for a, b in zip(whole.state_dict().values(), resumed.state_dict().values()):
         assert torch.equal(a, b)
+
+
+def test_codes_of_one_net_are_evaluated_once_and_score_alike(trained, micro_data, tmp_path):
+    st, _ = trained
+    # stage 1's conv1 codes differ; at MICRO's width x0.125 every stage-1 code gives 8 channels
+    a = supernet.decode("1332312111110000122222000051110000000000002424640000")
+    b = supernet.decode("1332313111110000122222000051110000000000002424640000")
+    other = supernet.decode("1233233333000000122222000043333300000000003353000000")
+    log = search.SearchLog(tmp_path / "search.jsonl", "w", "cpu-test")
+    fitness = search.Fitness(st, micro_data, log)
+    scores = fitness([a, b, other])
+    assert fitness.evaluated == 2
+    assert scores[supernet.encode(a)] == scores[supernet.encode(b)]
+    # and b evaluated on its own gives that score: the reuse repeats what evaluation gives
+    alone = search.Fitness(st, micro_data, search.SearchLog(tmp_path / "b.jsonl", "w", "cpu"))
+    assert alone([b]) == {supernet.encode(b): scores[supernet.encode(a)]}
+    # a later process reads the log back and evaluates neither code again
+    again = search.Fitness(st, micro_data, search.SearchLog(tmp_path / "search.jsonl", "w", "c"))
+    assert again([b, a]) == {supernet.encode(c): scores[supernet.encode(c)] for c in (b, a)}
+    assert again.evaluated == 0
