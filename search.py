@@ -173,15 +173,16 @@ class Fitness:
         """{code: top-1} of `archs`, evaluating only the nets the log does not hold. A code that
         builds the same net as a scored one (`supernet.physical_net`: narrow presets round
         width codes together) takes its score, which evaluating it would repeat exactly."""
-        todo, twins = [], {}
+        todo, twins, pending = [], {}, {}
         for a in dict.fromkeys(archs):
             if supernet.encode(a) in self.log.top1:
                 continue
             net = supernet.physical_net(a, self.preset.shape)
-            if net in self.scored_nets:
-                twins[a] = self.scored_nets[net]
+            twin = self.scored_nets.get(net) or pending.get(net)
+            if twin:
+                twins[a] = twin
             else:
-                self.scored_nets[net] = supernet.encode(a)
+                pending[net] = supernet.encode(a)
                 todo.append(a)
         if todo:
             accs = evaluate.evaluate_archs(self.st.net, self.st.sse, todo, self.calib, self.evals)
@@ -197,6 +198,7 @@ class Fitness:
         flops, params = challenge_size(arch)
         preset_flops = supernet.size_of(arch, self.preset.shape)[0]
         self.log.top1[code] = top1
+        self.scored_nets.setdefault(supernet.physical_net(arch, self.preset.shape), code)
         self.log.append({"arch": code, "weights": self.log.weights, "top1": top1,
                          "flops": flops, "params": params, "preset_flops": preset_flops,
                          **extra})
