@@ -228,14 +228,14 @@ def crossover(a: supernet.Arch, b: supernet.Arch, rng: random.Random) -> superne
                          tuple(p.mids[s] for s, p in enumerate(picks)))
 
 
-def sample_within(rng: random.Random, n: int, admits, exclude=()) -> list[supernet.Arch]:
+def sample_within(rng: random.Random, n: int, admits) -> list[supernet.Arch]:
     """Up to n distinct uniform archs that `admits` accepts (at most 200 n draws)."""
     found: dict[supernet.Arch, None] = {}
     for _ in range(200 * n):
         if len(found) == n:
             break
         arch = supernet.sample_arch(rng)
-        if arch not in found and arch not in exclude and admits(arch):
+        if arch not in found and admits(arch):
             found[arch] = None
     return list(found)
 

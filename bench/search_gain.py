@@ -100,10 +100,10 @@ def main(name: str = typer.Option(..., help="a run that `nas.py all` finished, i
         raise typer.BadParameter(f"the search of {name} holds {len(searched)} distinct nets "
                                  f"under {budget.describe()} with its last weights, fewer "
                                  f"than {top}")
-    taken = {supernet.physical_net(a, p.shape) for a in searched}
+    taken = {supernet.physical_net(a, p.shape) for a in searched}  # none of them, nor aliases
     drawn = search.sample_within(
         random.Random(seed), uniform,
-        lambda a: admits(a) and supernet.physical_net(a, p.shape) not in taken, exclude=searched)
+        lambda a: admits(a) and supernet.physical_net(a, p.shape) not in taken)
     # The store is what survives the session (committed); the run's own file, read-only here,
     # may hold nets an earlier version of this script wrote there.
     gt = groundtruth.GroundTruth(store, run_dir / "groundtruth.json")
@@ -123,10 +123,9 @@ def main(name: str = typer.Option(..., help="a run that `nas.py all` finished, i
     result = {"date": date.today().isoformat(), "run": name, "preset": p.name,
               "reading": report.READINGS[p.gt_reading][0], "recipe": recipe,
               "budget": budget.describe(), "device": evaluate.machine_name(data.device),
-              "archs": {"searched": [supernet.encode(a) for a in searched],
-                        "uniform": [supernet.encode(a) for a in drawn]},
+              "archs": {g: [supernet.encode(a) for a in archs] for g, archs in groups},
               "supernet_top1": {g: [log.top1.get(supernet.encode(a)) for a in archs]
-                                for g, archs in (("searched", searched), ("uniform", drawn))},
+                                for g, archs in groups},
               "per_seed": per_seed, "means": means,
               "difference": group_difference(means["searched"], means["uniform"], seed),
               "top1_means": top1,
