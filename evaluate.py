@@ -6,7 +6,7 @@ recalibrates BN on a fixed, seeded set of training batches ("Improving the Rank 
 One-Shot NAS", Sec. 3.1: 50 x 256), then measures top-1 on the held-out split. The supernet is
 never copied: statistics are written into the sliced running buffers, which the next arch's
 calibration overwrites again. Where SSE split the supernet, each arch is evaluated with the
-sub-supernet that owns it (sse.SubSupernets).
+sub-supernet that owns it (train_stages.SubSupernets).
 
 Reference ("Sec." above):
 - "Improving the Rank Consistency of One-Shot NAS: Collaborative Solution to Multi-Model
@@ -91,7 +91,7 @@ def evaluate_archs(net: supernet.Supernet, sse, archs: list[supernet.Arch], cali
                    progress=None) -> dict[str, float]:
     """Accuracy of each arch with inherited weights: {code: top-1}.
 
-    `sse` (sse.SubSupernets, or None before any split): each arch is evaluated with the
+    `sse` (train_stages.SubSupernets, or None before any split): each arch is evaluated with the
     sub-supernet that owns it; archs are grouped by owner so each one's weights are loaded
     once. The net, and every SSE copy, holds the same weights and BN statistics afterwards as
     before, also when this raises: an evaluation during training (a rank probe) must leave no

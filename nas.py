@@ -34,7 +34,7 @@ import trainer
 from data import DataError, batch_part, load_data
 from groundtruth import build_ground_truth, stored_ground_truth, train_static
 from presets import TrainingError
-from stages import APS_VERSIONS, METHODS, STAGES, check_stages
+from train_stages import APS_VERSIONS, METHODS, STAGES, check_stages
 
 RUNS = Path("runs")
 IMAGE_SHAPES = {224: supernet.NetShape(224, 3, 1000), 32: supernet.NetShape(32, 3, 10),

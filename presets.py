@@ -2,8 +2,8 @@
 its precision, the learning-rate schedule, BN momentum, atomic writes, and the errors.
 
 A preset is everything a run's numbers depend on. Every stage's epochs and learning rates are
-the paper's (stages.SCHEDULE), multiplied by the preset's `epoch_scale` and `lr_scale`, so the
-ratios between phases stay the paper's; the full-net warm-up and the stand-alone ground-truth
+the paper's (train_stages.SCHEDULE), multiplied by the preset's `epoch_scale` and `lr_scale`, so
+the ratios between phases stay the paper's; the full-net warm-up and the stand-alone ground-truth
 recipe have no paper counterpart and are the preset's own.
 """
 

@@ -1,6 +1,6 @@
 """The training loop and its checkpoint: every phase of a run's stages, resumable at any step.
 
-`train` walks the phases that stages.STAGES gives for the run's stage list. Each step samples
+`train` walks the phases that train_stages gives for the run's stage list. Each step samples
 and runs the stage's archs (the stage's `step`), averages the gradients over torchrun's
 processes, and takes one optimizer step; every `log_every` steps it logs progress, checks the
 losses and, under torchrun, that every process sampled the same archs. Ctrl-C stops after the
@@ -21,11 +21,10 @@ import parallel
 import supernet
 from data import mix_seed
 from pinas import PiNAS
-from pool import ConstraintPool
 from presets import (Preset, TrainingError, channels_last, config_diff, lr_at,
                      preset_from_config, replace_atomically, run_config)
-from sse import SubSupernets
-from stages import STAGES, Phase, check_stages, phase_length, stage_phases
+from train_stages import (RUNNABLE, SPLITS, ConstraintPool, Phase, SubSupernets, check_stages,
+                          phase_length, stage_phases)
 
 
 class Stopped(Exception):
@@ -88,7 +87,7 @@ class TrainState:
         self.optimizer = None
         if blob["optimizer"] is not None:
             phase = self.phases()[self.phase_index]
-            self.optimizer = make_optimizer(STAGES[phase.stage].params(self), 0.0)
+            self.optimizer = make_optimizer(RUNNABLE[phase.stage].params(self), 0.0)
             self.optimizer.load_state_dict(blob["optimizer"])
 
 
@@ -167,7 +166,7 @@ def finished_run_begins(config: dict, phase_index: int, st: TrainState) -> bool:
     unused = {"stages"}
     if "aps_depth" not in stages:
         unused.add("aps")
-    if not {"sse4", "sse34", "sse34_shared"} & set(stages):
+    if not set(SPLITS) & set(stages):
         unused.add("kd")
     same_start = st.stages[:len(stages)] == stages
     return finished and same_start and set(config_diff(config, st.config())) <= unused
@@ -199,7 +198,7 @@ def train(st: TrainState, data, run_dir: Path | None, log, probe=None, score=Non
     try:
         while st.phase_index < len(phases):
             phase = phases[st.phase_index]
-            stage = STAGES[phase.stage]
+            stage = RUNNABLE[phase.stage]
             before = phases[st.phase_index - 1] if st.phase_index > 0 else None
             after = phases[st.phase_index + 1] if st.phase_index + 1 < len(phases) else None
             first = before is None or before.stage != phase.stage
@@ -236,7 +235,7 @@ def phase_plan(preset: Preset, stages, aps: str, train_size: int) -> list[dict]:
 
 def train_step(st: TrainState, phase: Phase, data, key: int):
     """One optimizer step's forward/backward work: (archs run, their losses)."""
-    stage = STAGES[phase.stage]
+    stage = RUNNABLE[phase.stage]
     x, y = data.train_batch(key, st.step, st.preset.batch_size, parallel.part())
     return stage.step(st, phase, x, y) if stage.labels else stage.step(st, phase, x)
 
@@ -244,7 +243,7 @@ def train_step(st: TrainState, phase: Phase, data, key: int):
 def run_phase(st: TrainState, phase: Phase, data, log, ckpt: Path | None, probe,
               score=None) -> None:
     """The loop of one phase: lr, step, log, checkpoint, probe, and Ctrl-C."""
-    preset, stage = st.preset, STAGES[phase.stage]
+    preset, stage = st.preset, RUNNABLE[phase.stage]
     steps = phase_length(phase, preset, data.train_size)
     log("phase_start", stage=phase.stage, phase=phase.name, index=st.phase_index + 1,
         of=len(st.phases()), steps=steps, lr=phase.lr, k=phase.k, space=phase.space(),

@@ -48,11 +48,11 @@ import events  # noqa: E402
 import pinas  # noqa: E402
 import presets  # noqa: E402
 import report  # noqa: E402
-import stages  # noqa: E402
+import train_stages as stages  # noqa: E402
 import supernet  # noqa: E402
 import trainer  # noqa: E402
 from data import load_data  # noqa: E402
-from pool import ConstraintPool  # noqa: E402
+from train_stages import ConstraintPool  # noqa: E402
 from presets import autocast, bn_momentum  # noqa: E402
 
 CELLS = [(d3, d4) for d3 in range(2, 9) for d4 in range(2, 6)]   # 7 x 4 (stage-3, stage-4 depth)

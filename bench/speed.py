@@ -33,7 +33,7 @@ sys.path.insert(0, str(ROOT))
 import evaluate  # noqa: E402
 import supernet  # noqa: E402
 import presets  # noqa: E402
-import stages  # noqa: E402
+import train_stages as stages  # noqa: E402
 import trainer  # noqa: E402
 from data import EVAL_BATCH, TensorData  # noqa: E402
 

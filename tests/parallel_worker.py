@@ -23,7 +23,7 @@ import data  # noqa: E402
 import evaluate  # noqa: E402
 import groundtruth  # noqa: E402
 import parallel  # noqa: E402
-import stages  # noqa: E402
+import train_stages as stages  # noqa: E402
 import supernet  # noqa: E402
 import trainer  # noqa: E402
 from conftest import MICRO  # noqa: E402

@@ -131,6 +131,6 @@ def test_the_controls_train_what_they_say(micro_data):
     assert list(shared.sse.weights) == [0] and shared.sse.owner(supernet.MAX_ARCH) == 0
     st = trainer.new_state(replace(QUICK, queue_size=64), ("pinas_same_path",), 0, "cpu")
     phase = st.phases()[0]
-    mechanisms.stages.STAGES["pinas_same_path"].begin(st, phase, None, None)
+    mechanisms.stages.CONTROLS["pinas_same_path"].begin(st, phase, None, None)
     assert st.pinas.cross_path is False
     assert st.state_dict()["pinas"]["cross_path"] is False

@@ -115,7 +115,7 @@ def test_more_processes_than_archs_or_an_uneven_batch_is_refused(monkeypatch, ca
 
 
 def test_archs_that_differ_between_ranks_stop_the_run_naming_the_ranks(monkeypatch):
-    import stages
+    import train_stages as stages
     import supernet
     import trainer
     from presets import PRESETS, TrainingError

@@ -9,7 +9,7 @@ import torch
 
 import events
 import pinas
-import stages
+import train_stages as stages
 import supernet
 import trainer
 from conftest import MICRO

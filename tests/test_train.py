@@ -12,12 +12,10 @@ import data
 import evaluate
 import events
 import presets
-import sse
-import stages
+import train_stages as stages
 import supernet
 import trainer
 from conftest import MICRO
-from pool import ConstraintPool
 
 STAGES = ("warmup", "aps_depth", "cpt", "sse34")
 
@@ -35,7 +33,7 @@ def test_every_phase_samples_inside_its_space():
                         assert lo <= a.depths[s] <= hi
                         assert set(a.mids[s]) | {a.outs[s]} <= set(phase.widths[s])
                     if phase.sub is not None:  # SSE: inside the sub-supernet's own region
-                        assert sse.region_owner(a, stage) == phase.sub
+                        assert stages.region_owner(a, stage) == phase.sub
 
 
 def test_aps_versions_differ_exactly_where_the_paper_says():
@@ -75,8 +73,8 @@ def test_sse_routes_every_depth_combination_to_the_region_the_paper_lists():
                     a = supernet.sample_arch(rng, ((d1, d1), (d2, d2), (d3, d3), (d4, d4)))
                     owners34 = [i for i, pairs in paper34.items() if f"{d3}{d4}" in pairs]
                     assert len(owners34) <= 1
-                    assert sse.region_owner(a, "sse34") == (owners34[0] if owners34 else 4)
-                    assert sse.region_owner(a, "sse4") == {2: 0, 5: 1}.get(d4, 2)
+                    assert stages.region_owner(a, "sse34") == (owners34[0] if owners34 else 4)
+                    assert stages.region_owner(a, "sse4") == {2: 0, 5: 1}.get(d4, 2)
 
 
 def arch_with(depths, widths=1, stem=None):
@@ -94,7 +92,7 @@ def test_pool_fills_then_follows_the_nsas_replacement_rule():
     assert (supernet.distance(near_middle, widest) == supernet.distance(middle, widest) - 1
             < supernet.distance(far, widest))
 
-    pool = ConstraintPool(size=2, recent=100, k=1)
+    pool = stages.ConstraintPool(size=2, recent=100, k=1)
     pool.update(middle)
     pool.update(widest)
     assert pool.members == [middle, widest]
@@ -109,7 +107,7 @@ def test_pool_fills_then_follows_the_nsas_replacement_rule():
 
 def test_pool_is_far_more_diverse_than_random_pools():
     rng = random.Random(0)
-    pool = ConstraintPool()
+    pool = stages.ConstraintPool()
     for _ in range(400):
         pool.update(supernet.sample_arch(rng))
     random_means = []
@@ -146,7 +144,7 @@ def test_each_sse_sub_supernet_pool_holds_only_archs_of_its_own_region():
         stages.begin_sse(st, phase, lambda *a, **k: None, None)  # the first splits
         for _ in range(60):
             st.pool.update(stages.sample_in(st, phase))
-        owners = {sse.region_owner(a, "sse34") for a in st.pool.members}
+        owners = {stages.region_owner(a, "sse34") for a in st.pool.members}
         assert owners == {phase.sub} and len(st.pool.members) == st.pool.size
         stages.end_sse(st, phase, last=False)
 
@@ -161,7 +159,7 @@ def test_sse_without_distillation_weighs_ce_and_pool_two_to_one(monkeypatch, mic
     a, b = arch_with((2, 2, 2, 2), widths=3), arch_with((5, 5, 8, 5))
     st.pool.size, st.pool.members = 1, [b]  # a full pool of one that `a` cannot displace
     monkeypatch.setattr(stages, "sample_in", lambda st, phase: a)
-    st.sse = sse.SubSupernets.split("sse34", st.net, [], None)  # no teacher: no KD
+    st.sse = stages.SubSupernets.split("sse34", st.net, [], None)  # no teacher: no KD
     x, y = micro_data.train_batch(0, 0, 16)
     grads = []
     for arch in (a, b):
@@ -191,7 +189,7 @@ def test_sse_distils_from_the_stronger_of_warm_up_and_largest_subnet(micro_data)
 
     for scores, chosen in (([0.7, 0.5], "warm-up"), ([0.5, 0.7], "largest subnet")):
         answers = iter(scores)
-        teacher = sse.stronger_teacher(st.net, st.warmup_weights, lambda net: next(answers), log)
+        teacher = stages.stronger_teacher(st.net, st.warmup_weights, lambda net: next(answers), log)
         assert logged[-1] == ("kd_teacher", {"warmup_top1": scores[0],
                                              "largest_subnet_top1": scores[1],
                                              "chosen": chosen})
@@ -211,7 +209,7 @@ def test_sse_distils_from_the_stronger_of_warm_up_and_largest_subnet(micro_data)
         def score(net):
             evaluate.calibrate_bn(net, None, calib)
             return next(answers)
-        teacher = sse.stronger_teacher(st.net, st.warmup_weights, score, log)
+        teacher = stages.stronger_teacher(st.net, st.warmup_weights, score, log)
         net = supernet.StaticNet(supernet.MAX_ARCH, MICRO.shape)
         net.load_state_dict(teacher)
         evaluate.calibrate_bn(net, None, calib)  # idempotent: the first batch's momentum is 1
@@ -330,10 +328,10 @@ def test_a_run_takes_one_sse_split():
         stages.check_stages(("warmup", "sse5"))
 
 
-# What a short run computed before the redesign that split train_stages.py into presets.py,
-# stages.py, pool.py, sse.py, pinas.py and trainer.py (recorded with the old code, a step or
-# two a phase): the final loss of every phase, as float.hex, and a hash of the weights the run
-# ends with (the supernet, then each SSE copy). Float sums depend on the CPU's kernels, so the
+# What a short run of every stage of the full method after Π-NAS computes (a step or two a
+# phase): the final loss of every phase, as float.hex, and a hash of the weights the run ends
+# with (the supernet, then each SSE copy). A change that should compute the same (a move of
+# code between files) must leave it as it is. Float sums depend on the CPU's kernels, so the
 # values are exact only on the torch build and CPU capability they were recorded with.
 # Elsewhere rounding differences grow with every step (measured: torch 2.11 against 2.14.1 on
 # one CPU agree to 1e-3 on the first two phases, and drift apart by up to 8% by the last; an
@@ -359,7 +357,7 @@ def weights_hash(state: dict) -> str:
     return h.hexdigest()[:16]
 
 
-def test_training_computes_bit_for_bit_what_it_computed_before_the_redesign(micro_data):
+def test_training_computes_bit_for_bit_the_pinned_losses_and_weights(micro_data):
     import evaluate
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # the float order must not depend on the machine's cores
