@@ -18,6 +18,7 @@ import random
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -31,10 +32,10 @@ import report as reports
 import search
 import supernet
 import trainer
-from data import DataError, batch_part, load_data
+from data import IMAGENET_MEAN, IMAGENET_STD, DataError, batch_part, load_data
 from groundtruth import build_ground_truth, stored_ground_truth, train_static
 from presets import TrainingError
-from train_stages import APS_VERSIONS, METHODS, STAGES, check_stages
+from train_stages import APS_VERSIONS, METHODS, STAGES, check_candidates, check_stages
 
 RUNS = Path("runs")
 IMAGE_SHAPES = {224: supernet.NetShape(224, 3, 1000), 32: supernet.NetShape(32, 3, 10),
@@ -64,15 +65,20 @@ def get_preset(name: str) -> presets.Preset:
     return presets.PRESETS[name]
 
 
-def parse_stages(stages: str | None, method: str) -> tuple[str, ...]:
+def parse_stages(stages: str | None, method: str, init: bool = False) -> tuple[str, ...]:
+    """The stage list of `--stages`, or of `--method`; with `--init` the net it names replaces
+    the warm-up, as in OPPO's run."""
     if not stages:
         if method not in METHODS:
             die(f"unknown method {method!r}; methods are {', '.join(METHODS)}")
-        return METHODS[method]
+        return tuple(s for s in METHODS[method] if not (init and s == "warmup"))
     try:
-        return check_stages(s.strip() for s in stages.split(",") if s.strip())
+        chosen = check_stages(s.strip() for s in stages.split(",") if s.strip())
     except ValueError as e:
         die(str(e))
+    if init and "warmup" in chosen:
+        die("--init gives the full net the warm-up would make: leave warmup out of --stages")
+    return chosen
 
 
 def pick_device(name: str, join: bool = True) -> str:
@@ -268,7 +274,7 @@ def sample(archs_n: int = typer.Option(10, "--archs-n", min=1, help="how many co
 def train_run(run_dir: Path, config: dict, data, device: str, log,
               probe=None) -> trainer.TrainState:
     """Train from the run's checkpoint if it has one, else from scratch; exits cleanly on Ctrl-C."""
-    st = trainer.state_from_config(config, device)
+    st = state_of(config, device)
     ckpt = trainer.last_checkpoint(run_dir)
     try:
         if ckpt.exists():
@@ -317,8 +323,17 @@ def ground_truth_side_by_side(name: str, preset: presets.Preset, seed: int,
             "are kept: run again with --resume", code)
 
 
+def state_of(config: dict, device: str) -> trainer.TrainState:
+    """The run's state before training; one line where its --init or candidate file is gone or
+    changed since the run began."""
+    try:
+        return trainer.state_from_config(config, device)
+    except (ValueError, TrainingError) as e:
+        die(str(e))
+
+
 def trained_state(run_dir: Path, config: dict, device: str) -> trainer.TrainState:
-    st = trainer.state_from_config(config, device)
+    st = state_of(config, device)
     ckpt = trainer.last_checkpoint(run_dir)
     if not ckpt.exists():
         die(f"run {run_dir.name!r} has no checkpoint yet ({ckpt}); train it first")
@@ -373,17 +388,41 @@ MethodOpt = typer.Option("full", help=f"stage list: {', '.join(METHODS)}")
 ApsOpt = typer.Option("v3", help="APS version: v1, v2 or v3 (the paper's best)")
 KdOpt = typer.Option(True, help="SSE with distillation from the warm-up's full net (\"Dis\")")
 DeviceOpt = typer.Option("auto", help="auto, cpu or cuda")
-DataDirOpt = typer.Option(None, help="dataset folder (CIFAR download target, ImageNet train/ val/)")
+DataDirOpt = typer.Option(None, help="dataset folder (Fashion-MNIST's .gz files, CIFAR's download "
+                                      "target, ImageNet's train/ and val/)")
+InitOpt = typer.Option(None, help="start from this largest net instead of the warm-up, and "
+                                  "distil SSE from it: the challenge's resnet48.pdparams or a "
+                                  "PyTorch state dict (full-width presets: paper)")
+CandidatesOpt = typer.Option(None, help="challenge-format JSON of archs that CPT and SSE walk and "
+                                        "refill their pools from (default at paper: the "
+                                        "challenge's 45,000; elsewhere uniform sampling)")
 
 
-def run_setup(preset_name, stages, method, aps, kd, seed, device):
+def run_setup(preset_name, stages, method, aps, kd, seed, device, init=None, candidates=None):
     """(preset, stages, device, config) from the options, or one line and exit 2."""
     preset = get_preset(preset_name)
     if aps not in APS_VERSIONS:
         die(f"unknown APS version {aps!r}; use v1, v2 or v3")
-    chosen = parse_stages(stages, method)
+    chosen = parse_stages(stages, method, init is not None)
+    try:
+        if candidates is not None:
+            preset = replace(preset, candidates=str(candidates.resolve()))
+            check_candidates(chosen, supernet.read_candidates(candidates))
+        start = init_of(init, preset) if init is not None else None
+    except ValueError as e:
+        die(str(e))
     device = pick_device(device)
-    return preset, chosen, device, presets.run_config(preset, chosen, seed, aps, kd)
+    return preset, chosen, device, presets.run_config(preset, chosen, seed, aps, kd, start)
+
+
+def init_of(path: Path, preset: presets.Preset) -> dict:
+    """What config.json keeps of `--init FILE` once the file is known to hold the preset's
+    largest net; ValueError otherwise."""
+    if preset.width_mult != 1.0:
+        raise ValueError(f"--init needs a full-width preset (paper); {preset.name} builds its "
+                         f"nets at width x{preset.width_mult:g}")
+    supernet.read_largest_net(path, preset.shape)
+    return {"path": str(path.resolve()), "sha256": supernet.file_sha256(path)}
 
 
 @app.command()
@@ -391,9 +430,11 @@ def train(preset: str = PresetOpt, name: str = NameOpt,
           stages: str = StagesOpt, method: str = MethodOpt, aps: str = ApsOpt, kd: bool = KdOpt,
           seed: int = 0,
           resume: bool = typer.Option(False, help="continue the run from its checkpoint"),
-          device: str = DeviceOpt, data_dir: Path = DataDirOpt, quiet: bool = False):
+          device: str = DeviceOpt, data_dir: Path = DataDirOpt, init: Path = InitOpt,
+          candidates: Path = CandidatesOpt, quiet: bool = False):
     """Train the supernet through the chosen stages, writing runs/NAME."""
-    p, chosen, device, config = run_setup(preset, stages, method, aps, kd, seed, device)
+    p, chosen, device, config = run_setup(preset, stages, method, aps, kd, seed, device, init,
+                                          candidates)
     check_split(p.batch_size)
     data = load_dataset(p, device, data_dir)
     run_dir = open_run(name, config, resume, RUNS)
@@ -446,7 +487,7 @@ def evaluate_cmd(name: str = NameOpt,
     codes = None
     if archs is not None:
         try:
-            codes = reports.read_challenge(archs)
+            codes = supernet.read_challenge(archs)
         except ValueError as e:
             die(str(e))
     elif out is not None:
@@ -507,9 +548,11 @@ def all_(preset: str = PresetOpt,
          tui: bool = typer.Option(False, help="watch training in the terminal UI"),
          resume: bool = typer.Option(False, help="continue the run"), stages: str = StagesOpt,
          method: str = MethodOpt, aps: str = ApsOpt, kd: bool = KdOpt, seed: int = 0,
-         device: str = DeviceOpt, data_dir: Path = DataDirOpt):
+         device: str = DeviceOpt, data_dir: Path = DataDirOpt, init: Path = InitOpt,
+         candidates: Path = CandidatesOpt):
     """The whole pipeline: ground truth, warm-up, APS, CPT, SSE, evaluation, report."""
-    p, chosen, device, config = run_setup(preset, stages, method, aps, kd, seed, device)
+    p, chosen, device, config = run_setup(preset, stages, method, aps, kd, seed, device, init,
+                                          candidates)
     name = parallel.from_main(name or f"{p.name}-{time.strftime('%Y%m%d-%H%M%S')}")
     if tui:  # the UI process only watches: the data and the device are the trainer's
         return watch_in_tui(open_run(name, config, resume, RUNS), name, sys.argv[2:])
@@ -638,6 +681,27 @@ def export(name: str = NameOpt, code: str = typer.Argument(..., help="the arch t
         typer.echo(f"top-1 after {finetune:g} epochs of fine-tuning: {top1:.4f}")
     paths = search.save_export(out, net, preset, data.mean, data.std)
     state.unlink(missing_ok=True)  # only once the result is safe
+    typer.echo(f"wrote {paths[0]} (StaticNet state) and {paths[1]} (torch.export program)")
+
+
+@app.command(name="import-weights")
+def import_weights(file: Path = typer.Argument(..., help="the challenge's resnet48.pdparams, or a "
+                                                         "PyTorch state dict of the largest net"),
+                   out: Path = typer.Option(..., help="folder for net.pt and net.pt2")):
+    """Convert the largest net as `export` writes a subnet: net.pt (StaticNet's state) and
+    net.pt2 (a torch.export program on [0, 1] images), at the paper preset's shape."""
+    preset = presets.PRESETS["paper"]
+    if (out / "net.pt").exists() or (out / "net.pt2").exists():
+        die(f"{out} already holds net.pt or net.pt2; choose another --out")
+    try:
+        weights = supernet.read_largest_net(file, preset.shape)
+    except ValueError as e:
+        die(str(e))
+    net = supernet.StaticNet(supernet.MAX_ARCH, preset.shape)
+    net.load_state_dict(weights)
+    out.mkdir(parents=True, exist_ok=True)
+    mean, std = (torch.tensor(v) for v in (IMAGENET_MEAN, IMAGENET_STD))
+    paths = search.save_export(out / "net.pt", net, preset, mean, std)
     typer.echo(f"wrote {paths[0]} (StaticNet state) and {paths[1]} (torch.export program)")
 
 

@@ -13,9 +13,11 @@ supernet. Two claims, two mechanisms:
 
 `PiNAS` holds what this needs besides the supernet, the way MoCo's builder holds its encoders
 and queue: the projector, the mean teacher and the queue, with the step's loss and the
-teacher's update. Our readings where the paper is silent are said where they are made.
-The queue, the momentum encoder and the augmentations follow MoCo v2 (Chen et al., "Improved
-Baselines with Momentum Contrastive Learning", 2020, https://arxiv.org/abs/2003.04297).
+teacher's update. Where the paper is silent we follow its code (configs/pinas_learning.py,
+models/pinas.py: the loss, the queue, the optimizer, the augmentations); our own readings are
+said where they are made. The queue, the momentum encoder and the augmentations are MoCo v2's
+(Chen et al., "Improved Baselines with Momentum Contrastive Learning", 2020,
+https://arxiv.org/abs/2003.04297).
 """
 
 import math
@@ -34,6 +36,15 @@ from presets import autocast, channels_last
 DIM = 128           # projector output
 TEMPERATURE = 0.2   # InfoNCE
 MOMENTUM = 0.999    # the mean teacher's EMA
+WEIGHT_DECAY = 1e-4  # Π-NAS's SGD (the supervised stages': 3e-5)
+# Π-NAS's augmentation of each of the four views (its configs/pinas_learning.py): random
+# resized crop of 20-100% of the area; colour jitter of brightness, contrast, saturation
+# (factors 1 +- 0.4) and hue (+- 0.4 of a turn) in a random order, with p 0.8; grayscale with
+# p 0.2; Gaussian blur, sigma 0.1-2 px at 224 px (scaled with the image here), with p 0.5; flip.
+CROP_AREA = (0.2, 1.0)
+JITTER, HUE, JITTER_P = 0.4, 0.4, 0.8
+GRAY_P = 0.2
+BLUR_SIGMA, BLUR_P = (0.1, 2.0), 0.5
 
 
 class Projector(nn.Module):
@@ -98,12 +109,16 @@ def sample_path_pair(rng: random.Random, depth_ranges=supernet.DEPTH_RANGES,
     return a, supernet.Arch(depths, outs, tuple(mids))
 
 
-def contrastive_views(x: torch.Tensor, n: int, g: torch.Generator) -> list[torch.Tensor]:
-    """n augmented views of a (normalized) batch, on its device, in one grid_sample: random
-    resized crop (area 0.2-1, aspect 3/4-4/3), flip, brightness and contrast jitter, and for
-    colour images grayscale with p = 0.2 (MoCo v2's recipe without blur, for small images)."""
-    m = n * len(x)
-    area = torch.empty(m).uniform_(0.2, 1, generator=g)
+def contrastive_views(x: torch.Tensor, pixels, n: int, g: torch.Generator) -> list[torch.Tensor]:
+    """n independently augmented views of a normalized batch, on its device, batched: Π-NAS's
+    augmentations (CROP_AREA .. BLUR_P), each image its own draws, in pixel space (`pixels`:
+    the dataset's mean and std). Operations a channel count has no use for do nothing:
+    saturation, hue and grayscale leave a 1-channel image (Fashion-MNIST) as it is, as
+    torchvision's do. Crop and flip are one affine resampling (bilinear; the flip commutes with
+    the pixel-wise steps and the symmetric blur); a crop window wider than the image is
+    clipped to it (torchvision retries, then takes a centre crop: our reading)."""
+    m, c, size = n * len(x), x.shape[1], x.shape[-1]
+    area = torch.empty(m).uniform_(*CROP_AREA, generator=g)
     aspect = torch.empty(m).uniform_(-math.log(4 / 3), math.log(4 / 3), generator=g).exp()
     w = (area * aspect).sqrt().clamp(max=1)
     h = (area / aspect).sqrt().clamp(max=1)
@@ -111,23 +126,100 @@ def contrastive_views(x: torch.Tensor, n: int, g: torch.Generator) -> list[torch
     cy = (torch.rand(m, generator=g) * 2 - 1) * (1 - h)
     flip = torch.where(torch.rand(m, generator=g) < 0.5, -1.0, 1.0)
     zero = torch.zeros(m)
-    contrast = torch.empty(m).uniform_(0.6, 1.4, generator=g)
-    shift = torch.empty(m).uniform_(-0.4, 0.4, generator=g)
-    gray = (torch.rand(m, generator=g) < 0.2).float()
+    jitter = torch.rand(m, generator=g) < JITTER_P  # the others keep factors that change nothing
+    factors = torch.empty(m, 3).uniform_(1 - JITTER, 1 + JITTER, generator=g)
+    factors = torch.where(jitter[:, None], factors, 1.0)
+    hue = torch.where(jitter, torch.empty(m).uniform_(-HUE, HUE, generator=g), 0.0)
+    order = torch.rand(m, 4, generator=g).argsort(1).float()  # ColorJitter's random order
+    gray = (torch.rand(m, generator=g) < GRAY_P).float()
+    sigma = torch.empty(m).uniform_(*BLUR_SIGMA, generator=g) * size / 224
+    sigma = torch.where(torch.rand(m, generator=g) < BLUR_P, sigma, 0.0)
     # every random number is drawn on the host, then copied to the device once, without a sync
-    params = to_device(torch.stack([w * flip, zero, cx, zero, h, cy, contrast, shift, gray], 1),
-                       x.device)
+    params = to_device(torch.stack([w * flip, zero, cx, zero, h, cy, *factors.T, hue, gray, sigma,
+                                    *order.T], 1), x.device)
     theta = params[:, :6].view(m, 2, 3)
-    contrast, shift, gray = params[:, 6:, None, None, None].unbind(1)
-    xs = x.float().repeat(n, 1, 1, 1)
+    factors, hue, gray, sigma = params[:, 6:9], params[:, 9], params[:, 10], params[:, 11]
+    order = params[:, 12:].long()
+    mean, std = (t.to(x.device).float().reshape(1, -1, 1, 1) for t in pixels)
+    xs = (x.float() * std + mean).repeat(n, 1, 1, 1)  # pixels in [0, 1]
     grid = F.affine_grid(theta, list(xs.shape), align_corners=False)
     out = F.grid_sample(xs, grid, align_corners=False)
-    if x.shape[1] == 3:
-        out = torch.lerp(out, out.mean(1, keepdim=True).expand_as(out), gray)
-    out = out * contrast + shift
+    out = color_jitter(out, factors, hue, order)
+    if c == 3:
+        out = torch.lerp(out, grayscale(out).expand_as(out), gray[:, None, None, None])
+    out = (gaussian_blur(out, sigma) - mean) / std
     if channels_last(out.device):
         out = out.contiguous(memory_format=torch.channels_last)
     return list(out.chunk(n))
+
+
+def grayscale(x: torch.Tensor) -> torch.Tensor:
+    """Luma of RGB images with torchvision's weights, one channel."""
+    r, g, b = x.unbind(1)
+    return (0.2989 * r + 0.587 * g + 0.114 * b).unsqueeze(1)
+
+
+def color_jitter(x: torch.Tensor, factors: torch.Tensor, hue: torch.Tensor,
+                 order: torch.Tensor) -> torch.Tensor:
+    """torchvision's ColorJitter on [0, 1] images, batched with a factor per image: brightness,
+    contrast and saturation factors (m x 3), a hue shift in turns (m), and each image's order
+    of the four (m x 4, a permutation of 0..3). Every step clamps to [0, 1], as torchvision's."""
+    def view(v):
+        return v[:, None, None, None]
+
+    def contrast(x, f):
+        mean = (grayscale(x) if x.shape[1] == 3 else x).mean((1, 2, 3), keepdim=True)
+        return (f * x + (1 - f) * mean).clamp(0, 1)
+
+    ops = [lambda x, f: (f * x).clamp(0, 1), contrast]
+    if x.shape[1] == 3:
+        ops += [lambda x, f: (f * x + (1 - f) * grayscale(x)).clamp(0, 1), shift_hue]
+    values = [view(factors[:, 0]), view(factors[:, 1]), view(factors[:, 2]), view(hue)]
+    still = [1.0, 1.0, 1.0, 0.0]  # the factor that leaves an image as it is
+    for position in range(4):
+        for j, op in enumerate(ops):
+            x = op(x, torch.where(view(order[:, position] == j), values[j], still[j]))
+    return x
+
+
+def shift_hue(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """torchvision's adjust_hue, batched: through HSV, the hue turned by `shift` (m x 1 x 1 x 1,
+    in turns), and back."""
+    r, g, b = x.unbind(1)
+    maxc, minc = x.amax(1), x.amin(1)
+    same = maxc == minc
+    span = maxc - minc
+    s = span / torch.where(same, 1.0, maxc)
+    span = torch.where(same, 1.0, span)
+    rc, gc, bc = (maxc - r) / span, (maxc - g) / span, (maxc - b) / span
+    hue = ((maxc == r) * (bc - gc) + ((maxc == g) & (maxc != r)) * (2.0 + rc - bc)
+           + ((maxc != g) & (maxc != r)) * (4.0 + gc - rc))
+    hue = torch.fmod(torch.fmod(hue / 6.0 + 1.0, 1.0) + shift[:, 0] + 1.0, 1.0)
+    i = torch.floor(hue * 6.0)
+    f = hue * 6.0 - i
+    i = i.long() % 6
+    v = maxc
+    p = (v * (1.0 - s)).clamp(0, 1)
+    q = (v * (1.0 - s * f)).clamp(0, 1)
+    t = (v * (1.0 - s * (1.0 - f))).clamp(0, 1)
+    table = torch.stack([torch.stack(c, 1) for c in
+                         ((v, q, p, p, t, v), (t, v, v, q, p, p), (p, p, t, v, v, q))], 1)
+    return table.gather(2, i[:, None, None].expand(-1, 3, 1, -1, -1)).squeeze(2)
+
+
+def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    """Each image blurred with its own sigma (m; 0: unchanged) by a separable Gaussian kernel
+    of radius 3 sigma at most, reflected at the borders: torchvision's gaussian_blur, batched."""
+    m, c, h, w = x.shape
+    radius = max(1, math.ceil(3 * BLUR_SIGMA[1] * max(h, w) / 224))
+    radius = min(radius, h - 1, w - 1)  # reflection needs the kernel inside the image
+    t = torch.arange(-radius, radius + 1, device=x.device, dtype=x.dtype)
+    pdf = torch.exp(-0.5 * (t / sigma.clamp_min(1e-6)[:, None]) ** 2)
+    kernel = (pdf / pdf.sum(1, keepdim=True)).repeat_interleave(c, 0)  # (m c) x taps
+    flat = F.pad(x.reshape(1, m * c, h, w), (radius,) * 4, mode="reflect")
+    flat = F.conv2d(flat, kernel[:, None, :, None], groups=m * c)
+    flat = F.conv2d(flat, kernel[:, None, None, :], groups=m * c)
+    return flat.reshape(m, c, h, w)
 
 
 def info_nce(q: torch.Tensor, k: torch.Tensor, negatives: torch.Tensor) -> torch.Tensor:
@@ -184,18 +276,24 @@ class PiNAS:
         f = torch.cat([net.features(half, arch) for half in x[perm].chunk(2)])
         return projector(f)[perm.argsort()]
 
-    def step(self, net: supernet.Supernet, x: torch.Tensor, rng: random.Random,
+    def step(self, net: supernet.Supernet, x: torch.Tensor, pixels, rng: random.Random,
              g: torch.Generator, depths=supernet.DEPTH_RANGES, widths=supernet.WIDTH_CODES):
         """One step's forward and backward (Π-NAS Sec. 3), no labels: (the two paths, [loss]).
 
-        Four views q0, k0, q1, k1 of the batch (drawn with `g`); two paths a and b that differ
-        in every choice (drawn with `rng` from the phase's space). The student runs a on q0 and
-        b on q1, the teacher a on k0 and b on k1; the positive of student a is teacher b and
-        vice versa, so each path is pulled toward the other's features. The loss is the mean
-        of the two InfoNCE terms against the queue's negatives. After the backward pass (whose
-        graph holds the queue as it was) the queue receives the normalized mean of the two
-        teacher keys, gathered from every rank so that all push the same."""
-        q0, k0, q1, k1 = contrastive_views(x, 4, g)
+        Four views q0, k0, q1, k1 of the batch (drawn with `g`; `pixels`: the dataset's mean
+        and std); two paths a and b that differ in every choice (drawn with `rng` from the
+        phase's space). The student runs a on q0 and b on q1, the teacher a on k0 and b on k1;
+        the positive of student a is teacher b and vice versa, so each path is pulled toward
+        the other's features. The loss is the sum of the two InfoNCE terms against the queue's
+        negatives (Π-NAS's code). After the backward pass (whose graph holds the queue as it
+        was) the queue receives the mean of the two teacher keys, not renormalised (as in
+        Π-NAS's code), gathered from every rank so that all push the same.
+
+        Where Π-NAS's code differs and we keep ours: it updates the teacher twice a step, once
+        per path before that path's key (each path's blocks, and the shared stem and head
+        twice); we update it once after the step, on the slices either path ran
+        (`update_teacher`)."""
+        q0, k0, q1, k1 = contrastive_views(x, pixels, 4, g)
         a, b = sample_path_pair(rng, depths, widths)
         perm = to_device(torch.randperm(len(x), generator=g), x.device)
         negatives = self.queue.vectors
@@ -206,9 +304,9 @@ class PiNAS:
             qa = self.projector(net.features(q0, a))
             qb = self.projector(net.features(q1, b))
             pa, pb = (kb, ka) if self.cross_path else (ka, kb)  # the positives
-            loss = 0.5 * (info_nce(qa, pa, negatives) + info_nce(qb, pb, negatives))
+            loss = info_nce(qa, pa, negatives) + info_nce(qb, pb, negatives)
         loss.backward()
-        self.queue.push(parallel.gather_rows(F.normalize(ka + kb, dim=1)))
+        self.queue.push(parallel.gather_rows((ka + kb) / 2))
         return [a, b], [loss.detach()]
 
     @torch.no_grad()

@@ -53,9 +53,11 @@ class Preset:
     probe_eval_images: int = 1000
     log_every: int = 20
     checkpoint_every: int = 500
-    queue_size: int = 65536       # Π-NAS negatives (MoCo's size; small datasets need fewer)
+    queue_size: int = 49152       # Π-NAS negatives (its code's; small datasets need fewer)
     cpu_threads: int = 0          # torch threads on CPU (0: torch's default); results depend on it
     gt_processes: int = 1         # on a GPU: stand-alone nets trained side by side (torchrun)
+    candidates: str = ""          # a challenge-format file of archs that CPT and SSE walk (a
+                                  # path, relative to the repository or absolute); "": uniform
 
     @property
     def shape(self) -> supernet.NetShape:
@@ -148,12 +150,15 @@ PRESETS = {
     # CIFAR: carry the four .gz files and pass --data-dir.
     "fashion": replace(CIFAR, name="fashion", dataset="fashion-mnist", image_size=28,
                        in_channels=1),
-    # The paper's schedule on ImageNet (the warm-up and the ground-truth recipe are ours).
+    # The paper's schedule on ImageNet (the warm-up and the ground-truth recipe are ours); CPT
+    # and SSE walk the challenge's 45,000 candidates, as OPPO's code does. With --init (the
+    # challenge's pretrained ResNet-48) the warm-up is skipped, as in OPPO's run.
     "paper": Preset(
         name="paper", dataset="imagenet", image_size=224, in_channels=3, num_classes=1000,
         width_mult=1.0, divisor=8, batch_size=256, epoch_scale=1.0, lr_scale=1.0,
         warmup_epochs=90, warmup_lr=0.1, eval_subset=50000, gt_epochs=90, gt_lr=0.1, gt_n=50,
-        probe_every=2000, probe_eval_images=5000, checkpoint_every=2000),
+        probe_every=2000, probe_eval_images=5000, checkpoint_every=2000,
+        candidates="archs/CVPR_2022_NAS_Track1_test.json.gz"),
 }
 
 
@@ -163,9 +168,14 @@ class TrainingError(Exception):
 
 # ---------------------------------------------------------------- what a run's config is
 
-def run_config(preset: Preset, stages, seed: int, aps: str, kd: bool) -> dict:
-    """What a run's results depend on: config.json, and the key a checkpoint must match."""
-    return {"preset": asdict(preset), "stages": list(stages), "seed": seed, "aps": aps, "kd": kd}
+def run_config(preset: Preset, stages, seed: int, aps: str, kd: bool,
+               init: dict | None = None) -> dict:
+    """What a run's results depend on: config.json, and the key a checkpoint must match.
+    `init` ({"path", "sha256"} of the net the run starts from) only where there is one, so
+    that a run without it has the config it always had."""
+    config = {"preset": asdict(preset), "stages": list(stages), "seed": seed, "aps": aps,
+              "kd": kd}
+    return {**config, "init": init} if init else config
 
 
 def config_diff(a: dict, b: dict) -> list[str]:

@@ -272,29 +272,6 @@ def ceiling_metrics(seed_vs_seed: dict) -> dict:
 
 # ---------------------------------------------------------------- the challenge's file format
 
-def read_challenge(path: Path) -> dict[str, str]:
-    """{name: code} from a challenge-format file; ValueError naming the file or the entry."""
-    try:
-        entries = json.loads(Path(path).read_text())
-    except OSError as e:
-        raise ValueError(f"cannot read {path}: {e.strerror}")
-    except ValueError as e:
-        raise ValueError(f"{path} is not valid JSON: {e}")
-    if not isinstance(entries, dict) or not entries:
-        raise ValueError(f"{path} must hold a non-empty object of "
-                         "{name: {\"arch\": code, \"acc\": ...}}")
-    codes = {}
-    for name, entry in entries.items():
-        code = entry.get("arch") if isinstance(entry, dict) else None
-        if not isinstance(code, str):
-            raise ValueError(f"{path}: entry {name!r} has no \"arch\" string")
-        try:
-            codes[name] = supernet.encode(supernet.decode(code))
-        except ValueError as e:
-            raise ValueError(f"{path}: entry {name!r}: {e}")
-    return codes
-
-
 def write_challenge(path: Path, codes: dict[str, str], accs: dict[str, float]) -> None:
     """The same format with `acc` filled in: a submission."""
     filled = {name: {"acc": accs[code], "arch": code} for name, code in codes.items()}

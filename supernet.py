@@ -23,9 +23,15 @@ Reference ("Eq. 2" above is its arch distance):
   https://arxiv.org/search/?query=Improving+the+Rank+Consistency+of+One-Shot+NAS&searchtype=title)
 """
 
+import gzip
+import hashlib
+import json
+import pickle
 import random
+import zipfile
 from dataclasses import dataclass
 from functools import lru_cache
+from pathlib import Path
 from typing import NamedTuple
 
 import torch
@@ -439,3 +445,169 @@ def size_of(arch: Arch, shape: NetShape = NetShape()) -> tuple[int, int]:
     flops += 2 * width * shape.num_classes
     params += (width + 1) * shape.num_classes
     return flops, params
+
+
+# ---------------------------------------------------------------- the challenge's files
+
+# The challenge's 45,000 candidate archs (CVPR_2022_NAS_Track1_test.json, gzip-compressed):
+# what `nas.py evaluate --archs` fills in, and what CPT and SSE walk at the `paper` preset.
+CHALLENGE_CANDIDATES = (Path(__file__).resolve().parent / "archs"
+                        / "CVPR_2022_NAS_Track1_test.json.gz")
+
+
+def read_challenge(path) -> dict[str, str]:
+    """{name: 52-character code} from a challenge-format file, `{"archN": {"acc": .., "arch":
+    code}}`, plain or gzip-compressed (.gz); ValueError naming the file or the entry."""
+    path = Path(path)
+    try:
+        raw = path.read_bytes()
+        entries = json.loads(gzip.decompress(raw) if path.suffix == ".gz" else raw)
+    except OSError as e:
+        raise ValueError(f"cannot read {path}: {e.strerror or e}")
+    except ValueError as e:
+        raise ValueError(f"{path} is not valid JSON: {e}")
+    if not isinstance(entries, dict) or not entries:
+        raise ValueError(f"{path} must hold a non-empty object of "
+                         "{name: {\"arch\": code, \"acc\": ...}}")
+    codes = {}
+    for name, entry in entries.items():
+        code = entry.get("arch") if isinstance(entry, dict) else None
+        if not isinstance(code, str):
+            raise ValueError(f"{path}: entry {name!r} has no \"arch\" string")
+        try:
+            codes[name] = encode(decode(code))
+        except ValueError as e:
+            raise ValueError(f"{path}: entry {name!r}: {e}")
+    return codes
+
+
+def read_candidates(path) -> tuple[Arch, ...]:
+    """The archs of a challenge-format file, each once, in the file's order."""
+    return tuple(decode(c) for c in dict.fromkeys(read_challenge(path).values()))
+
+
+# ---------------------------------------------------------------- pretrained weights
+
+# The challenge's pretrained ResNet-48 (`resnet48.pdparams`, the demo's download) names its
+# layers after the demo's hnas/models/resnet.py: `blocks.0` the stem (conv, bn), `blocks.1` ..
+# `blocks.23` the BasicBlocks in order (conv1, bn1, conv2, bn2; downsample.0 conv and
+# downsample.1 BN on the first block of stages 2-4), `blocks.24` the head (fc). Paddle keeps
+# BN's statistics as `_mean` and `_variance`, and a Linear's weight as [in, out].
+PADDLE_BN = {"weight": "weight", "bias": "bias", "_mean": "running_mean",
+             "_variance": "running_var"}
+NUMPY_ARRAYS = {("numpy", "ndarray"), ("numpy", "dtype"), ("collections", "OrderedDict"),
+                ("numpy.core.multiarray", "_reconstruct"),
+                ("numpy._core.multiarray", "_reconstruct")}
+
+
+def paddle_names(shape: NetShape) -> dict[str, str]:
+    """{name in the challenge's .pdparams: name in StaticNet(MAX_ARCH)} for every tensor."""
+    names = {"blocks.0.conv.weight": "conv1.weight"}
+    names.update({f"blocks.0.bn.{p}": f"bn1.{o}" for p, o in PADDLE_BN.items()})
+    blocks = blocks_of(MAX_ARCH, shape)
+    for i, b in enumerate(blocks):
+        src, dst = f"blocks.{i + 1}", f"blocks.{i}"
+        for conv, bn in (("conv1", "bn1"), ("conv2", "bn2")):
+            names[f"{src}.{conv}.weight"] = f"{dst}.{conv}.weight"
+            names.update({f"{src}.{bn}.{p}": f"{dst}.{bn}.{o}" for p, o in PADDLE_BN.items()})
+        if b.stride != 1 or b.cin != b.cout:
+            names[f"{src}.downsample.0.weight"] = f"{dst}.downsample.0.weight"
+            names.update({f"{src}.downsample.1.{p}": f"{dst}.downsample.1.{o}"
+                          for p, o in PADDLE_BN.items()})
+    head = f"blocks.{len(blocks) + 1}.fc"
+    names.update({f"{head}.weight": "fc.weight", f"{head}.bias": "fc.bias"})
+    return names
+
+
+class _ArraysOnly(pickle.Unpickler):
+    """Unpickles numpy arrays in plain containers and nothing else: a pickle can run any code
+    it names, and a weights file has no reason to name any."""
+
+    def find_class(self, module, name):
+        if (module, name) in NUMPY_ARRAYS:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"it names {module}.{name}, which a weights file need not")
+
+
+def file_sha256(path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def read_largest_net(path, shape: NetShape) -> dict[str, torch.Tensor]:
+    """The largest net's weights from `path` under StaticNet(MAX_ARCH, shape)'s names.
+
+    `path` is the challenge's `resnet48.pdparams` (what paddle.save writes for a state dict: a
+    pickle of name -> numpy array, plus a `StructuredToParameterName@@` entry; read here
+    without Paddle), or a PyTorch file: a StaticNet state dict of the largest arch, or the
+    net.pt that `nas.py export` writes of it. ValueError, in one line, for anything else and for
+    a tensor whose shape is not the net's at `shape`.
+    """
+    path = Path(path)
+    try:
+        if zipfile.is_zipfile(path):  # torch.save's format
+            blob = torch.load(path, map_location="cpu", weights_only=True)
+            if isinstance(blob, dict) and "state_dict" in blob:
+                if blob.get("code") != MAX_CODE:
+                    raise ValueError(f"{path} holds arch {blob.get('code')}, not the largest")
+                blob = blob["state_dict"]
+            kind, names = "a PyTorch state dict", None
+        else:
+            with open(path, "rb") as f:
+                blob = _ArraysOnly(f).load()
+            kind, names = "a Paddle .pdparams", paddle_names(shape)
+    except (OSError, pickle.UnpicklingError, EOFError, RuntimeError, TypeError) as e:
+        raise ValueError(f"{path} is neither the challenge's .pdparams nor a PyTorch state dict "
+                         f"of the largest net ({type(e).__name__}: {e})".splitlines()[0])
+    if not isinstance(blob, dict):
+        raise ValueError(f"{path} holds a {type(blob).__name__}, not a state dict")
+    with torch.device("meta"):
+        expected = {k: v.shape for k, v in StaticNet(MAX_ARCH, shape).state_dict().items()}
+    weights = {}
+    for name, value in blob.items():
+        if names is not None:
+            if name not in names:
+                continue  # StructuredToParameterName@@, and anything the net does not hold
+            name = names[name]
+            value = torch.from_numpy(value.copy())
+            if name == "fc.weight":
+                value = value.T  # Paddle's Linear is [in, out]
+        if isinstance(value, torch.Tensor) and name in expected:
+            weights[name] = value.float() if value.is_floating_point() else value
+    for name, size in expected.items():
+        if name.endswith("num_batches_tracked"):
+            weights.setdefault(name, torch.zeros((), dtype=torch.long))
+        elif name not in weights:
+            raise ValueError(f"{path} ({kind}) has no weight for {name} of the largest net")
+        elif weights[name].shape != size:
+            raise ValueError(f"{path}: {name} is {list(weights[name].shape)}, the preset's "
+                             f"largest net needs {list(size)}")
+    return {k: weights[k].contiguous() for k in expected}
+
+
+def supernet_names(shape: NetShape) -> dict[str, str]:
+    """{name in StaticNet(MAX_ARCH): name in Supernet} for every tensor: the largest arch uses
+    all of every supernet layer."""
+    bn = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
+    names = {"conv1.weight": "stem.weight", **{f"bn1.{p}": f"stem.bn.{p}" for p in bn},
+             "fc.weight": "fc.weight", "fc.bias": "fc.bias"}
+    for i, b in enumerate(blocks_of(MAX_ARCH, shape)):
+        src, dst = f"blocks.{i}", f"stages.{b.stage}.{b.index}"
+        pairs = [("conv1", "bn1", "conv1"), ("conv2", "bn2", "conv2")]
+        if b.stride != 1 or b.cin != b.cout:
+            pairs.append(("downsample.0", "downsample.1", "shortcut"))
+        for conv, norm, sliced in pairs:
+            names[f"{src}.{conv}.weight"] = f"{dst}.{sliced}.weight"
+            names.update({f"{src}.{norm}.{p}": f"{dst}.{sliced}.bn.{p}" for p in bn})
+    return names
+
+
+@torch.no_grad()
+def load_largest(net: Supernet, weights: dict[str, torch.Tensor]) -> None:
+    """Start the supernet from a largest net's weights (StaticNet(MAX_ARCH) names): the inverse
+    of `extract_subnet`, every tensor whole."""
+    names = supernet_names(net.shape)
+    net.load_state_dict({names[k]: v for k, v in weights.items()})

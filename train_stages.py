@@ -42,6 +42,7 @@ References ("Sec.", "Eq." below are the first one's):
 """
 
 import math
+import random
 from collections import deque
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
@@ -115,8 +116,10 @@ SCHEDULE = {
 # CONTROL (bench/mechanisms.py only, not a stage of either paper): SSE34's phases, regions and
 # steps on one unsplit copy, which separates what splitting gives from what the extra steps give.
 SHARED_CONTROLS = {"sse34_shared": "sse34"}
-PINAS_EPOCHS = 70       # Π-NAS from scratch: APS depth + width's 30 + 40 paper epochs
-PINAS_LR = 0.03         # MoCo's SGD lr at batch 256, scaled linearly with the batch (our reading)
+PINAS_EPOCHS = 70       # Π-NAS from scratch: APS depth + width's 30 + 40 paper epochs (its
+                        # code: 100; ours matches APS's budget, the paper's comparison)
+PINAS_LR = 0.03         # Π-NAS's code: SGD lr 0.03 at batch 192 (24 x 8 GPUs), scaled linearly
+PINAS_BATCH = 192
 LINEAR_HEAD_LR = 0.03   # raw pooled features (norm ~8, one common mode) diverge above ~0.1
 
 
@@ -133,6 +136,7 @@ class Phase:
     widths: tuple = ANY_WIDTH
     sub: int | None = None        # SSE: the sub-supernet this phase trains
     region: tuple = ()            # SSE: the (stage-3, stage-4 depth) pairs it samples from
+    paper_epochs: float = 0.0     # its length in the paper's epochs (the pools' refills count them)
 
     def space(self) -> dict:
         return {"depths": [list(r) for r in self.depths], "widths": [list(w) for w in self.widths]}
@@ -148,9 +152,10 @@ def paper_phases(stage: str, aps: str = "v3") -> list[Phase]:
     if split in REGIONS:
         return [Phase(stage, f"{stage}/{i}", e, lr, k, d, w,
                       sub=None if stage in SHARED_CONTROLS else i,
-                      region=tuple(sorted(REGIONS[split][i])))
+                      region=tuple(sorted(REGIONS[split][i])), paper_epochs=e)
                 for i, (e, lr, k, d, w) in enumerate(rows)]
-    return [Phase(stage, f"{key}/{i + 1}" if len(rows) > 1 else key, e, lr, k, d, w)
+    return [Phase(stage, f"{key}/{i + 1}" if len(rows) > 1 else key, e, lr, k, d, w,
+                  paper_epochs=e)
             for i, (e, lr, k, d, w) in enumerate(rows)]
 
 
@@ -165,7 +170,7 @@ def warmup_phases(stage: str, preset: Preset, aps: str) -> list[Phase]:
 
 def pinas_phases(stage: str, preset: Preset, aps: str) -> list[Phase]:
     """From scratch, like the warm-up: its lr is not a fine-tuning lr."""
-    lr = PINAS_LR * preset.batch_size / 256
+    lr = PINAS_LR * preset.batch_size / PINAS_BATCH
     return [Phase(stage, stage, PINAS_EPOCHS * preset.epoch_scale, lr, 2)]
 
 
@@ -225,6 +230,16 @@ def sampled_step(st, phase: Phase, x, y):
 
 # ================================================================ CPT: the constraint pool
 
+# OPPO's pools (their train_supernet_nsas.py and train_supernet_split_separate_multi_stage.py),
+# as (members, recent archs remembered, k nearest members a novelty averages over): k is
+# every other member. CPT keeps one pool; SSE one per sub-supernet, smaller.
+CPT_POOL = (10, 100, 9)
+SSE_POOL = (7, 80, 6)
+# OPPO refills every pool with random candidates (drawn with replacement) at steps 0 and 500
+# of each 626-step epoch of theirs: at 0 and 0.8 of every paper epoch.
+POOL_REFILLS = (0.0, 0.8)
+
+
 class ConstraintPool:
     """NSAS's constraint pool with the paper's Eq.-2 distance: the archs whose accuracy a step
     must not forget (Sec. 2.4, 3.3).
@@ -232,17 +247,26 @@ class ConstraintPool:
     A small set of archs kept as diverse as possible, whose losses join every step's, so that
     training the sampled arch does not undo what the shared weights learned for the others.
     Novelty of an arch = mean Eq.-2 distance (`supernet.distances`) to its `k` nearest pool
-    members. While the pool is not full, the most novel recent arch joins it. Once full, each
-    step looks at the member nearest to the current sample (the one its update would disturb
-    most); if some recent arch is more novel with respect to the rest of the pool than that
-    member is, it takes that member's place.
+    members. Each step looks at the member nearest to the current sample (the one its update
+    would disturb most); if some recent arch is more novel with respect to the rest of the
+    pool than that member is, it takes that member's place (NSAS's rule). The stages `refill`
+    the pool with random candidates as OPPO's code does (`refills_pool`); a pool that is not
+    full (never, in the stages) takes the most novel recent arch instead.
+
+    Where OPPO's code differs, and why we keep ours: its distance leaves out the last stage-4
+    code and divides by 47 (a constant: the order is the same); its recent list may offer an
+    arch that is a member already (a duplicate member, which ours never makes).
     """
 
-    def __init__(self, size: int = 10, recent: int = 100, k: int = 10):
+    def __init__(self, size: int = CPT_POOL[0], recent: int = CPT_POOL[1], k: int = CPT_POOL[2]):
         self.size = size
         self.k = k
         self.members: list[supernet.Arch] = []
         self.recent: deque[supernet.Arch] = deque(maxlen=recent)
+
+    def refill(self, archs: list[supernet.Arch]) -> None:
+        """New members (OPPO's reset); the recent archs stay."""
+        self.members = list(archs)
 
     def novelties(self, archs: list[supernet.Arch], others: list[supernet.Arch]) -> torch.Tensor:
         if not others:
@@ -281,21 +305,78 @@ class ConstraintPool:
 
     def state_dict(self) -> dict:
         return {"members": [supernet.encode(a) for a in self.members],
-                "recent": [supernet.encode(a) for a in self.recent]}
+                "recent": [supernet.encode(a) for a in self.recent],
+                "sizes": [self.size, self.recent.maxlen, self.k]}
 
     def load_state_dict(self, state: dict) -> None:
+        size, recent, self.k = state.get("sizes", CPT_POOL)
+        self.size = size
         self.members = [supernet.decode(c) for c in state["members"]]
-        self.recent.clear()
-        self.recent.extend(supernet.decode(c) for c in state["recent"])
+        self.recent = deque((supernet.decode(c) for c in state["recent"]), maxlen=recent)
+
+
+def refills_pool(step: int, steps: int, paper_epochs: float) -> bool:
+    """Whether a pool is refilled before `step` of a phase of `steps` steps, `paper_epochs`
+    long: at the step each of OPPO's refill points (POOL_REFILLS) falls in, scaled like every
+    other length. Our reading where a paper epoch is a few steps: points that fall in one step
+    refill it once; where a paper epoch is under a step (`tiny`: 0.6), every step refills, so
+    the pool is a fresh random draw each step that NSAS's rule then acts on once."""
+    per_epoch = steps / paper_epochs
+    first, last = math.floor(step / per_epoch) - 1, math.floor((step + 1) / per_epoch) + 1
+    return any(math.floor((e + f) * per_epoch + 1e-9) == step
+               for e in range(max(0, first), last + 1) for f in POOL_REFILLS)
+
+
+def candidates_of(st, phase: Phase) -> list | None:
+    """The run's candidate list for this phase (SSE: the part in its region), None without one."""
+    if st.candidates is None:
+        return None
+    key = ("candidates", phase.region)
+    if key not in st.derived:
+        st.derived[key] = [a for a in st.candidates
+                           if not phase.region or (a.depths[2], a.depths[3]) in phase.region]
+    return st.derived[key]
+
+
+def next_path(st, phase: Phase) -> supernet.Arch:
+    """CPT's and SSE's sampled path. With a candidate list (`--candidates`; the challenge's
+    45,000 at `paper`), OPPO's walk: step i of a phase takes the next arch of shuffled copies of
+    the list (SSE: of its region's part), so no candidate is trained twice before all were
+    once. Without one, a uniform sample of the phase's space (or region): the challenge's
+    candidates are close to uniform over it, so the distribution is the same; the coverage
+    and the repeats are not."""
+    archs = candidates_of(st, phase)
+    if archs is None:
+        return sample_in(st, phase)
+    n, i = divmod(st.step, len(archs))
+    key = ("walk", phase.name)
+    if st.derived.get(key, (None,))[0] != n:  # a fresh shuffled copy: a pure function of n
+        order = list(archs)
+        random.Random(mix_seed(st.seed, st.phase_index, n, 17)).shuffle(order)
+        st.derived[key] = (n, order)
+    return st.derived[key][1][i]
+
+
+def refill_pool(st, phase: Phase) -> None:
+    """At OPPO's refill points, new members drawn with replacement from the candidate list (SSE:
+    its region's part), or uniformly from the phase's space (region) without one."""
+    if not refills_pool(st.step, st.phase_steps, phase.paper_epochs):
+        return
+    archs = candidates_of(st, phase)
+    draw = (lambda: st.rng.choice(archs)) if archs is not None else (lambda: sample_in(st, phase))
+    st.pool.refill([draw() for _ in range(st.pool.size)])
 
 
 def cpt_step(st, phase: Phase, x, y):
     """Candidate Plasticity Training (Sec. 2.4, 3.3): 0.5 CE(sampled) + 0.5 mean CE(pool).
 
     The pool losses backpropagate into the shared weights: that is what regularises the
-    update against forgetting the pool's archs (the NSAS demo detaches them; we do not).
+    update against forgetting the pool's archs (the NSAS demo detaches them; we do not, nor
+    does OPPO's code). The pool is OPPO's: refilled with random candidates about every 0.8
+    paper epoch, kept diverse by NSAS's rule in between.
     """
-    arch = sample_in(st, phase)
+    arch = next_path(st, phase)
+    refill_pool(st, phase)
     st.pool.update(arch)
     losses = ce_step(st, [arch], x, y, 0.5)
     losses += ce_step(st, st.pool.members, x, y, 0.5 / len(st.pool.members))
@@ -331,7 +412,7 @@ def region_owner(arch: supernet.Arch, stage: str) -> int:
 
 class SubSupernets:
     """The sub-supernets of one SSE split: every copy's weights, which one the supernet holds,
-    the CPT pool's members at the split, and the distillation teacher's weights.
+    and the distillation teacher's weights.
 
     The supernet module holds one copy at a time; the others wait here as state dicts. Weights
     are copied into the existing parameters, so optimizer references stay valid and no module
@@ -343,20 +424,17 @@ class SubSupernets:
         self.shared = len(self.regions)       # the index of the untouched shared copy
         self.weights: dict[int, dict] = {}    # copy index -> its state dict, while not held
         self.current: int | None = None       # the copy the supernet holds now
-        self.cpt_members: list[str] = []      # codes of CPT's pool when the supernet was split
         self.teacher_weights: dict | None = None  # a StaticNet of MAX_ARCH; None without "Dis"
         self.teacher: nn.Module | None = None     # that net, built for the phases that use it
 
     @classmethod
-    def split(cls, stage: str, net: nn.Module, pool_members, teacher_weights) -> "SubSupernets":
-        """Every copy, the shared one too, starts from the weights CPT left; the pool is kept
-        for each copy to start its own from."""
+    def split(cls, stage: str, net: nn.Module, teacher_weights) -> "SubSupernets":
+        """Every copy, the shared one too, starts from the weights CPT left."""
         subs = cls(stage)
         state = net.state_dict()
         subs.weights = {i: {k: v.clone() for k, v in state.items()}
                         for i in range(len(subs.regions) + 1)}
         subs.current = subs.shared
-        subs.cpt_members = [supernet.encode(a) for a in pool_members]
         subs.teacher_weights = teacher_weights
         return subs
 
@@ -392,12 +470,11 @@ class SubSupernets:
 
     def state_dict(self) -> dict:
         return {"stage": self.stage, "weights": self.weights, "current": self.current,
-                "cpt_members": self.cpt_members, "teacher_weights": self.teacher_weights}
+                "teacher_weights": self.teacher_weights}
 
     def load_state_dict(self, state: dict) -> None:
         self.weights = state["weights"]
         self.current = state["current"]
-        self.cpt_members = state["cpt_members"]
         self.teacher_weights = state["teacher_weights"]
 
 
@@ -405,9 +482,10 @@ def stronger_teacher(net: supernet.Supernet, warmup_weights: dict, score, log) -
     """SSE's teacher: the warm-up's full net, or the supernet's largest subnet as APS and CPT
     left it, whichever `score` finds more accurate; both top-1s go to the log.
 
-    The paper distils from the pretrained ResNet-48 the challenge handed out. Our warm-up
-    stands in for it, and at small budgets it can be weaker than the largest subnet after the
-    stages that follow it; a weaker teacher would pull SSE down, so we take the stronger one.
+    The paper distils from the pretrained ResNet-48 the challenge handed out (with `--init`,
+    so do we: `begin_sse`). Our warm-up stands in for it, and at small budgets it can be weaker
+    than the largest subnet after the stages that follow it; a weaker teacher would pull SSE
+    down, so we take the stronger one.
     Without `score` the warm-up's net is the teacher. With it, the teacher is the net as it was
     scored, BN statistics included: `score` recalibrates them, and the teacher runs in eval
     mode on them (the warm-up's running statistics, an EMA, are not what was scored).
@@ -427,18 +505,22 @@ def stronger_teacher(net: supernet.Supernet, warmup_weights: dict, score, log) -
 
 def begin_sse(st, phase: Phase, log, score) -> None:
     """Split the supernet at the first SSE phase (choosing the distillation teacher then), hold
-    this phase's sub-supernet, start its pool from the CPT members in its region, and build
-    the teacher; again on a resume, where the split is already in the checkpoint."""
+    this phase's sub-supernet, give it a pool of its own, and build the teacher; again on a
+    resume, where the split and the pool are in the checkpoint.
+
+    The teacher is the `--init` net where the run started from one (OPPO's: the challenge's
+    pretrained ResNet-48), else the stronger of our warm-up's net and the largest subnet."""
     if st.sse is None or st.sse.stage != phase.stage:
         teacher = None
-        if st.kd and st.warmup_weights is not None:
+        if st.kd and st.init:
+            teacher = st.warmup_weights
+            log("kd_teacher", chosen="the --init net")
+        elif st.kd and st.warmup_weights is not None:
             teacher = stronger_teacher(st.net, st.warmup_weights, score, log)
-        st.sse = SubSupernets.split(phase.stage, st.net, st.pool.members, teacher)
+        st.sse = SubSupernets.split(phase.stage, st.net, teacher)
     st.sse.hold(st.net, st.sse.shared if phase.sub is None else phase.sub)
-    if st.step == 0:  # each sub-supernet's pool starts from the CPT members in its region
-        members = [supernet.decode(c) for c in st.sse.cpt_members]
-        st.pool.members = [m for m in members if (m.depths[2], m.depths[3]) in phase.region]
-        st.pool.recent.clear()  # and admits only its own samples, never the last stage's
+    if st.step == 0:  # OPPO's pool per region: smaller, refilled from the region (sse_step)
+        st.pool = ConstraintPool(*SSE_POOL)
     st.sse.build_teacher(st.preset.shape, st.device())
     if st.kd and st.sse.teacher is None:
         log("warning", message=f"{phase.name}: distillation asked for, but no warm-up ran "
@@ -448,13 +530,15 @@ def begin_sse(st, phase: Phase, log, score) -> None:
 def sse_step(st, phase: Phase, x, y):
     """Sub-supernet Enhancing (Sec. 2.3, 3.4): 0.4 CE + 0.2 pool CE + 0.4 KD ("Dis").
 
-    The sampled arch comes from the sub-supernet's own region. Our readings: the pool term is
-    the mean over the pool (as in CPT); each sub-supernet keeps the CPT pool's members inside
-    its region and goes on with NSAS's rule on its own samples only (`begin_sse`); KD is
-    Hinton's KL(teacher || student) at temperature 1. Without KD the paper gives no weights:
-    we drop the KD term and keep the other two's 2 : 1 ratio, 2/3 CE + 1/3 pool CE.
+    The sampled arch comes from the sub-supernet's own region, and so do its pool's members:
+    OPPO's code keeps a pool per region (SSE_POOL), refilled from the region's candidates as
+    CPT's is; the pool term is the mean over its 7 members (their 0.2/7 each). KD is Hinton's
+    KL(teacher || student) at temperature 1 (OPPO's soft-label cross-entropy differs from it by
+    the teacher's entropy, a constant: the same gradients). Without KD the paper gives no
+    weights: we drop the KD term and keep the other two's 2 : 1 ratio, 2/3 CE + 1/3 pool CE.
     """
-    arch = sample_in(st, phase)
+    arch = next_path(st, phase)
+    refill_pool(st, phase)
     st.pool.update(arch)
     teacher = st.sse.teacher
     w_ce, w_pool = (0.4, 0.2) if teacher is not None else (2 / 3, 1 / 3)
@@ -480,10 +564,11 @@ def end_sse(st, phase: Phase, last: bool) -> None:
 
 # ================================================================ Π-NAS and its linear head
 
-def pinas_step(st, phase: Phase, x):
-    """Π-NAS's step (pinas.PiNAS.step). The labels stop before this: it is not given them."""
+def pinas_step(st, phase: Phase, x, pixels):
+    """Π-NAS's step (pinas.PiNAS.step) on the images and their normalisation (`pixels`: mean
+    and std, to augment in pixel space). The labels stop before this: it is not given them."""
     g = torch.Generator().manual_seed(mix_seed(st.seed, st.phase_index, st.step, 5))
-    return st.pinas.step(st.net, x, st.rng, g, phase.depths, phase.widths)
+    return st.pinas.step(st.net, x, pixels, st.rng, g, phase.depths, phase.widths)
 
 
 def begin_pinas(st, phase: Phase, log, score) -> None:
@@ -544,7 +629,8 @@ class Stage:
     phases: Callable                # (stage, preset, aps) -> its phases, scaled
     step: Callable                  # (st, phase, x, y) -> (archs run, their losses)
     params: Callable = supernet_params  # (st) -> what its optimizer trains
-    labels: bool = True             # False: the step is never given the labels
+    weight_decay: float = 3e-5      # the APS/CPT/SSE paper's (and OPPO's code's)
+    labels: bool = True             # False: it gets (st, phase, x, (mean, std)), no labels
     uses_pool: bool = False         # keeps CPT's constraint pool (logged as `pool` events)
     probes: bool = True             # a rank probe means something during it
     begin: Callable | None = None   # (st, phase, log, score) before a phase's first step
@@ -555,8 +641,8 @@ class Stage:
 
 SSE = dict(uses_pool=True, begin=begin_sse, end=end_sse)
 # no classifier is trained: a rank probe there would measure noise
-PINAS = dict(params=pinas_params, labels=False, probes=False, begin=begin_pinas, end=end_pinas,
-             after_step=update_mean_teacher, extras=queue_fields)
+PINAS = dict(params=pinas_params, weight_decay=pinas.WEIGHT_DECAY, labels=False, probes=False,
+             begin=begin_pinas, end=end_pinas, after_step=update_mean_teacher, extras=queue_fields)
 # The stages a user chains (`--stages`), in the papers' order, the baselines after them.
 STAGES = {
     "warmup": Stage(warmup_phases, warmup_step, end=keep_warmup_net),
@@ -607,3 +693,16 @@ def check_stages(stages) -> tuple[str, ...]:
         raise ValueError("sse4 and sse34 are two ways to split one supernet: a run takes one "
                          "of them")
     return stages
+
+
+def check_candidates(stages, candidates) -> None:
+    """ValueError where a candidate list leaves a region of the run's SSE split empty (its
+    sub-supernet would have nothing to train on)."""
+    if candidates is None:
+        return
+    for stage in [s for s in stages if s in SPLITS]:
+        for i, region in enumerate(REGIONS[SHARED_CONTROLS.get(stage, stage)]):
+            if not any((a.depths[2], a.depths[3]) in region for a in candidates):
+                pairs = " ".join(f"{d3}{d4}" for d3, d4 in sorted(region))
+                raise ValueError(f"the candidate list has no arch in region {i} of {stage} "
+                                 f"(stage-3, stage-4 depths {pairs})")

@@ -15,6 +15,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+ROOT = Path(__file__).resolve().parent
+
 import torch
 
 import parallel
@@ -23,8 +25,8 @@ from data import mix_seed
 from pinas import PiNAS
 from presets import (Preset, TrainingError, channels_last, config_diff, lr_at,
                      preset_from_config, replace_atomically, run_config)
-from train_stages import (RUNNABLE, SPLITS, ConstraintPool, Phase, SubSupernets, check_stages,
-                          phase_length, stage_phases)
+from train_stages import (RUNNABLE, SPLITS, ConstraintPool, Phase, SubSupernets,
+                          check_candidates, check_stages, phase_length, stage_phases)
 
 
 class Stopped(Exception):
@@ -40,19 +42,23 @@ class TrainState:
     seed: int
     aps: str = "v3"
     kd: bool = True
+    init: dict | None = None      # {"path", "sha256"} of the net it started from (`--init`)
     net: supernet.Supernet = None
     optimizer: torch.optim.Optimizer | None = None   # the current phase's; None between phases
     phase_index: int = 0          # into the flat list of all stages' phases
     step: int = 0                 # within that phase
     rng: random.Random = None     # every arch sampled, every pool and SSE decision
     pool: ConstraintPool = field(default_factory=ConstraintPool)
-    warmup_weights: dict | None = None  # the warm-up's full net: SSE's candidate teacher
+    warmup_weights: dict | None = None  # the warm-up's (or --init's) full net: SSE's teacher
     sse: SubSupernets | None = None     # after an SSE stage split the supernet
     pinas: PiNAS | None = None          # while a Π-NAS stage runs
+    candidates: tuple | None = None     # the archs CPT and SSE walk (preset.candidates)
+    phase_steps: int = 0                # the current phase's length, set as it starts
+    derived: dict = field(default_factory=dict)  # caches of what the fields above determine
     stop_requested: bool = False
 
     def config(self) -> dict:
-        return run_config(self.preset, self.stages, self.seed, self.aps, self.kd)
+        return run_config(self.preset, self.stages, self.seed, self.aps, self.kd, self.init)
 
     def phases(self) -> list[Phase]:
         return [p for s in self.stages for p in stage_phases(s, self.preset, self.aps)]
@@ -87,8 +93,8 @@ class TrainState:
         self.optimizer = None
         if blob["optimizer"] is not None:
             phase = self.phases()[self.phase_index]
-            self.optimizer = make_optimizer(RUNNABLE[phase.stage].params(self), 0.0)
-            self.optimizer.load_state_dict(blob["optimizer"])
+            self.optimizer = make_optimizer(RUNNABLE[phase.stage].params(self), 0.0, 0.0)
+            self.optimizer.load_state_dict(blob["optimizer"])  # its lr and weight decay too
 
 
 def _as_tuple(x):
@@ -96,22 +102,40 @@ def _as_tuple(x):
 
 
 def new_state(preset: Preset, stages, seed: int, device, aps: str = "v3",
-              kd: bool = True) -> TrainState:
+              kd: bool = True, init: dict | None = None) -> TrainState:
+    """A run's state before its first step. `init` ({"path", "sha256"}): the supernet starts
+    from that largest net, which is also SSE's teacher; ValueError where the file is not that
+    net at the preset's shape, or not the file the run was started with."""
     stages = check_stages(stages)
+    candidates = None
+    if preset.candidates:
+        candidates = supernet.read_candidates(ROOT / preset.candidates)
+        check_candidates(stages, candidates)
     torch.manual_seed(seed)
-    net = supernet.Supernet(preset.shape).to(device)
+    net = supernet.Supernet(preset.shape)
+    warm = None
+    if init is not None:
+        if supernet.file_sha256(init["path"]) != init["sha256"]:
+            raise ValueError(f"{init['path']} is not the file this run started from "
+                             "(its sha256 differs)")
+        warm = supernet.read_largest_net(init["path"], preset.shape)
+        supernet.load_largest(net, warm)
+    net = net.to(device)
     if channels_last(device):
         net = net.to(memory_format=torch.channels_last)
-    return TrainState(preset, stages, seed, aps, kd, net, rng=random.Random(seed))
+    warm = {k: v.to(device) for k, v in warm.items()} if warm else None
+    return TrainState(preset, stages, seed, aps, kd, init, net, rng=random.Random(seed),
+                      warmup_weights=warm, candidates=candidates)
 
 
 def state_from_config(config: dict, device) -> TrainState:
     preset = preset_from_config(config)
-    return new_state(preset, config["stages"], config["seed"], device, config["aps"], config["kd"])
+    return new_state(preset, config["stages"], config["seed"], device, config["aps"],
+                     config["kd"], config.get("init"))
 
 
-def make_optimizer(params, lr: float) -> torch.optim.SGD:
-    return torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=3e-5)
+def make_optimizer(params, lr: float, weight_decay: float = 3e-5) -> torch.optim.SGD:
+    return torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=weight_decay)
 
 
 # ---------------------------------------------------------------- checkpoints
@@ -237,21 +261,23 @@ def train_step(st: TrainState, phase: Phase, data, key: int):
     """One optimizer step's forward/backward work: (archs run, their losses)."""
     stage = RUNNABLE[phase.stage]
     x, y = data.train_batch(key, st.step, st.preset.batch_size, parallel.part())
-    return stage.step(st, phase, x, y) if stage.labels else stage.step(st, phase, x)
+    if stage.labels:
+        return stage.step(st, phase, x, y)
+    return stage.step(st, phase, x, (data.mean, data.std))
 
 
 def run_phase(st: TrainState, phase: Phase, data, log, ckpt: Path | None, probe,
               score=None) -> None:
     """The loop of one phase: lr, step, log, checkpoint, probe, and Ctrl-C."""
     preset, stage = st.preset, RUNNABLE[phase.stage]
-    steps = phase_length(phase, preset, data.train_size)
+    steps = st.phase_steps = phase_length(phase, preset, data.train_size)
     log("phase_start", stage=phase.stage, phase=phase.name, index=st.phase_index + 1,
         of=len(st.phases()), steps=steps, lr=phase.lr, k=phase.k, space=phase.space(),
         sub=phase.sub, resumed_at=st.step)
     if stage.begin:
         stage.begin(st, phase, log, score)
     if st.optimizer is None:
-        st.optimizer = make_optimizer(stage.params(st), phase.lr)
+        st.optimizer = make_optimizer(stage.params(st), phase.lr, stage.weight_decay)
     key = mix_seed(st.seed, st.phase_index)
     pending, seen, loss = [], 0, None
     t0 = started = time.perf_counter()

@@ -464,7 +464,9 @@ def parameter_shift(st, probe: Probe, steps: int, cross_path: bool, paths: int =
     st.pinas = pinas.PiNAS(net, st.preset.queue_size, st.seed, cross_path)
     names = common_slices(net)
     params = dict(net.named_parameters())
-    opt = trainer.make_optimizer([*net.parameters(), *st.pinas.projector.parameters()], phase.lr)
+    pixels = (probe.data.mean, probe.data.std)
+    opt = trainer.make_optimizer([*net.parameters(), *st.pinas.projector.parameters()], phase.lr,
+                                 pinas.WEIGHT_DECAY)
 
     def common_gradient() -> torch.Tensor:
         return torch.cat([params[n].grad[:o, :i].flatten() for n, o, i in names])
@@ -475,7 +477,7 @@ def parameter_shift(st, probe: Probe, steps: int, cross_path: bool, paths: int =
         st.step = t
         x, _ = probe.train_batch(t)
         opt.zero_grad(set_to_none=True)
-        archs, _ = stages.pinas_step(st, phase, x)
+        archs, _ = stages.pinas_step(st, phase, x, pixels)
         grads.append(common_gradient().clone())
         opt.step()
         st.pinas.update_teacher(net, archs)
@@ -486,7 +488,7 @@ def parameter_shift(st, probe: Probe, steps: int, cross_path: bool, paths: int =
         for i in range(paths):
             opt.zero_grad(set_to_none=True)
             g = torch.Generator().manual_seed(17)  # the same views for every pair
-            st.pinas.step(net, batch[0], random.Random(i), g)
+            st.pinas.step(net, batch[0], pixels, random.Random(i), g)
             per_path.append(common_gradient().clone())
         stacked = torch.stack(per_path)
         mean = stacked.mean(0)

@@ -9,7 +9,6 @@ os.environ["NAS_BOOTSTRAP_RESAMPLES"] = "200"
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-CHALLENGE_JSON = ROOT.parent / "shared" / "data" / "CVPR_2022_NAS_Track1_test.json"
 
 import pytest  # noqa: E402
 

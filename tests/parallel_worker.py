@@ -77,7 +77,7 @@ def pinas_state(images) -> dict:
     st = trainer.new_state(replace(AT_14_PX, queue_size=64), ("pinas",), 0, "cpu")
     phase, stage = st.phases()[0], stages.STAGES["pinas"]
     stage.begin(st, phase, quiet, None)
-    st.optimizer = trainer.make_optimizer(stage.params(st), phase.lr)
+    st.optimizer = trainer.make_optimizer(stage.params(st), phase.lr, stage.weight_decay)
     for step in range(3):
         st.step = step
         st.optimizer.zero_grad(set_to_none=True)

@@ -12,7 +12,7 @@ from conftest import ROOT
 
 runner = CliRunner()
 COMMANDS = ["arch", "sample", "train", "groundtruth", "evaluate", "report", "all", "tui", "search",
-            "export"]
+            "export", "import-weights"]
 
 
 @pytest.mark.parametrize("command", COMMANDS)
@@ -116,3 +116,45 @@ def test_the_gpu_preset_trains_its_ground_truth_in_torchrun_processes(monkeypatc
     with pytest.raises(nas.typer.Exit) as e:
         nas.ground_truth_side_by_side("r", presets.PRESETS["gpu"], 0, None)
     assert e.value.exit_code == 1 and calls and "--data-dir" not in calls[0]
+
+
+def test_import_weights_writes_the_largest_net_as_export_does(tmp_path):
+    import torch
+    torch.manual_seed(0)
+    net = supernet.StaticNet(supernet.MAX_ARCH, supernet.NetShape()).eval()
+    torch.save(net.state_dict(), tmp_path / "given.pt")
+    result = runner.invoke(nas.app, ["import-weights", str(tmp_path / "given.pt"), "--out",
+                                     str(tmp_path / "out")])
+    assert result.exit_code == 0, result.output
+    program = torch.export.load(tmp_path / "out" / "net.pt2").module()
+    x = torch.rand(2, 3, 224, 224)  # [0, 1] images: the program normalizes them itself
+    mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
+    std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+    with torch.no_grad():
+        torch.testing.assert_close(program(x), net((x - mean) / std), rtol=1e-4, atol=1e-4)
+    saved = torch.load(tmp_path / "out" / "net.pt", weights_only=True)
+    assert saved["code"] == supernet.MAX_CODE
+    one_line_error(runner.invoke(nas.app, ["import-weights", str(tmp_path / "given.pt"),
+                                           "--out", str(tmp_path / "out")]), "already holds")
+
+
+def test_init_and_candidates_are_refused_with_one_line(runs, tmp_path):
+    (tmp_path / "net.pt").write_bytes(b"neither format")
+    one_line_error(runner.invoke(nas.app, ["train", "--preset", "tiny", "--name", "x", "--init",
+                                           str(tmp_path / "net.pt")]),
+                   "--init needs a full-width preset (paper)")
+    one_line_error(runner.invoke(nas.app, ["train", "--preset", "paper", "--name", "x", "--init",
+                                           str(tmp_path / "net.pt")]),
+                   "neither the challenge's .pdparams nor a PyTorch state dict")
+    one_line_error(runner.invoke(nas.app, ["train", "--preset", "paper", "--name", "x", "--init",
+                                           str(tmp_path / "net.pt"), "--stages", "warmup,cpt"]),
+                   "leave warmup out of --stages")
+    few = {f"arch{i}": {"acc": 0, "arch": supernet.MAX_CODE} for i in range(3)}
+    (tmp_path / "few.json").write_text(json.dumps(few))
+    one_line_error(runner.invoke(nas.app, ["train", "--preset", "tiny", "--name", "x",
+                                           "--candidates", str(tmp_path / "few.json")]),
+                   "no arch in region 0 of sse34")
+    one_line_error(runner.invoke(nas.app, ["train", "--preset", "tiny", "--name", "x",
+                                           "--candidates", str(tmp_path / "none.json")]),
+                   "cannot read")
+    assert not runs.exists()

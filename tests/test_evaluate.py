@@ -14,7 +14,7 @@ import groundtruth
 import report
 import supernet
 import trainer
-from conftest import CHALLENGE_JSON, MICRO
+from conftest import MICRO
 
 
 def test_calibration_is_the_exact_mean_of_batch_statistics_in_the_arch_slice():
@@ -263,7 +263,7 @@ def test_challenge_json_round_trips_and_bad_files_are_refused(tmp_path):
     codes = {f"arch{i}": supernet.encode(supernet.sample_arch(rng)) for i in range(1, 6)}
     src = tmp_path / "in.json"
     src.write_text(json.dumps({k: {"acc": 0.0, "arch": c} for k, c in codes.items()}))
-    assert report.read_challenge(src) == codes
+    assert supernet.read_challenge(src) == codes
     accs = {c: 0.1 * i for i, c in enumerate(codes.values())}
     report.write_challenge(tmp_path / "out.json", codes, accs)
     back = json.loads((tmp_path / "out.json").read_text())
@@ -271,17 +271,17 @@ def test_challenge_json_round_trips_and_bad_files_are_refused(tmp_path):
     assert back["arch2"]["acc"] == pytest.approx(0.1)
     (tmp_path / "bad.json").write_text("{\"arch1\": ")
     with pytest.raises(ValueError, match="not valid JSON"):
-        report.read_challenge(tmp_path / "bad.json")
+        supernet.read_challenge(tmp_path / "bad.json")
     (tmp_path / "bad.json").write_text(json.dumps({"arch1": {"arch": codes["arch1"]},
                                                    "arch2": {"arch": "15"}}))
     with pytest.raises(ValueError, match="entry 'arch2': arch code has length 2"):
-        report.read_challenge(tmp_path / "bad.json")
+        supernet.read_challenge(tmp_path / "bad.json")
 
 
-def test_the_real_challenge_file_reads():
-    if not CHALLENGE_JSON.exists():
-        pytest.skip(f"the challenge's candidate file is absent ({CHALLENGE_JSON})")
-    assert len(report.read_challenge(CHALLENGE_JSON)) == 45000
+def test_the_challenges_candidate_file_is_in_the_repository_and_reads():
+    codes = supernet.read_challenge(supernet.CHALLENGE_CANDIDATES)
+    assert len(codes) == 45000 and codes["arch1"].startswith("1252233313")
+    assert len(supernet.read_candidates(supernet.CHALLENGE_CANDIDATES)) == len(set(codes.values()))
 
 
 def test_recipe_key_covers_every_setting_and_not_how_a_number_is_written():

@@ -1,4 +1,5 @@
 import json
+import math
 import os
 import random
 import signal
@@ -100,6 +101,7 @@ class NoLabels:
 
     def __init__(self, data):
         self.data, self.train_size = data, data.train_size
+        self.mean, self.std = data.mean, data.std
 
     def train_batch(self, key, step, batch_size, part=(0, 1)):
         x, y = self.data.train_batch(key, step, batch_size, part)
@@ -118,19 +120,21 @@ def test_a_few_steps_lower_the_infonce_loss_on_real_images(micro_data):
     st = pinas_state(replace(PINAS, queue_size=256))
     start = pinas_state(replace(PINAS, queue_size=256))  # the same initial weights, kept
     phase = st.phases()[0]
-    opt = trainer.make_optimizer(stages.STAGES["pinas"].params(st), 0.05)
+    stage = stages.STAGES["pinas"]
+    opt = trainer.make_optimizer(stage.params(st), 0.05, stage.weight_decay)
     for step in range(10):
         st.step = step
         x, _ = micro_data.train_batch(7, step, 32)
         opt.zero_grad()
-        archs, _ = stages.pinas_step(st, phase, x)
+        archs, _ = stages.pinas_step(st, phase, x, (micro_data.mean, micro_data.std))
         opt.step()
         st.pinas.update_teacher(st.net, archs)
     assert st.pinas.queue.fill == 256  # only real keys as negatives now
 
     a, b = pinas.sample_path_pair(random.Random(5))
     x, _ = micro_data.train_batch(99, 0, 64)  # images the steps did not see
-    views = pinas.contrastive_views(x, 4, torch.Generator().manual_seed(0))
+    views = pinas.contrastive_views(x, (micro_data.mean, micro_data.std), 4,
+                                     torch.Generator().manual_seed(0))
     perm = torch.randperm(64, generator=torch.Generator().manual_seed(1))
 
     def loss(state):
@@ -194,3 +198,72 @@ def test_linear_head_trains_only_the_classifier(micro_data):
             assert torch.equal(v, buffers[k]), k
     assert all(m.momentum == 0.1 for m in st.net.modules()
                if isinstance(m, torch.nn.BatchNorm2d))
+
+
+def test_colour_jitter_and_blur_equal_torchvisions_per_image():
+    import torchvision.transforms.v2.functional as TF
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(6, 3, 12, 12, generator=g)
+    factors = torch.empty(6, 3).uniform_(0.6, 1.4, generator=g)
+    hue = torch.empty(6).uniform_(-0.4, 0.4, generator=g)
+    order = torch.rand(6, 4, generator=g).argsort(1)
+    got = pinas.color_jitter(x, factors, hue, order)
+    ops = [TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation, TF.adjust_hue]
+    for i in range(6):
+        want = x[i]
+        for j in order[i].tolist():
+            f = float(hue[i]) if j == 3 else float(factors[i, j])
+            want = ops[j](want, f)
+        torch.testing.assert_close(got[i], want, atol=2e-6, rtol=0)
+    sigma = torch.tensor([0.0, 0.3, 0.7, 1.0, 0.5, 0.0])
+    blurred = pinas.gaussian_blur(x, sigma)
+    radius = max(1, math.ceil(3 * pinas.BLUR_SIGMA[1] * 12 / 224))
+    for i in range(6):
+        want = x[i] if sigma[i] == 0 else TF.gaussian_blur(x[i], [2 * radius + 1] * 2,
+                                                          [float(sigma[i])] * 2)
+        torch.testing.assert_close(blurred[i], want, atol=1e-6, rtol=0)
+    assert not torch.equal(blurred[3], x[3])
+
+
+def test_views_of_grey_images_use_only_what_grey_images_have(micro_data):
+    """Fashion-MNIST: saturation, hue and grayscale do nothing to one channel; brightness,
+    contrast and the crop still make the four views differ, and a view's pixels stay in the
+    image's range."""
+    x, _ = micro_data.train_batch(3, 0, 16)
+    one = torch.rand(4, 1, 8, 8)
+    assert torch.equal(pinas.color_jitter(one, torch.ones(4, 3), torch.full((4,), 0.3),
+                                          torch.arange(4).repeat(4, 1)), one)
+    views = pinas.contrastive_views(x, (micro_data.mean, micro_data.std), 4,
+                                    torch.Generator().manual_seed(0))
+    pixels = [v * micro_data.std + micro_data.mean for v in views]
+    assert all(p.min() >= -1e-5 and p.max() <= 1 + 1e-5 for p in pixels)
+    assert all(not torch.allclose(views[0], v) for v in views[1:])
+
+
+def test_the_loss_sums_both_paths_and_the_queue_takes_the_mean_key(micro_data, monkeypatch):
+    """Π-NAS's code: loss = InfoNCE(q_a, k_b) + InfoNCE(q_b, k_a), and the queue receives
+    (k_a + k_b) / 2 as it is, not renormalised."""
+    st = pinas_state()
+    terms, pushed = [], []
+    real = pinas.info_nce
+    monkeypatch.setattr(pinas, "info_nce", lambda q, k, n: terms.append(real(q, k, n))
+                        or terms[-1])
+    keys = []
+    real_keys = st.pinas.teacher_keys
+    monkeypatch.setattr(st.pinas, "teacher_keys", lambda *a: keys.append(real_keys(*a))
+                        or keys[-1])
+    monkeypatch.setattr(st.pinas.queue, "push", lambda k: pushed.append(k))
+    x, _ = micro_data.train_batch(0, 0, 16)
+    _, (loss,) = st.pinas.step(st.net, x, (micro_data.mean, micro_data.std),
+                               random.Random(0), torch.Generator().manual_seed(0))
+    assert len(terms) == 2 and torch.equal(loss, (terms[0] + terms[1]).detach())
+    assert torch.equal(pushed[0], (keys[0] + keys[1]) / 2)
+    assert pushed[0].norm(dim=1).max() < 1 - 1e-3  # two unit vectors' mean is shorter
+
+
+def test_pinas_trains_with_its_papers_optimizer():
+    st = trainer.new_state(PINAS, ("pinas",), 0, "cpu")
+    phase = st.phases()[0]
+    assert phase.lr == pytest.approx(stages.PINAS_LR * PINAS.batch_size / 192)
+    assert stages.STAGES["pinas"].weight_decay == 1e-4
+    assert stages.STAGES["cpt"].weight_decay == 3e-5

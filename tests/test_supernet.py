@@ -1,3 +1,4 @@
+import gzip
 import json
 import random
 
@@ -6,7 +7,6 @@ import torch
 from torchvision.models.resnet import BasicBlock as TVBasicBlock, ResNet
 
 import supernet
-from conftest import CHALLENGE_JSON
 
 SMALL = supernet.NetShape(image_size=16, in_channels=3, num_classes=7, width_mult=0.25, divisor=4)
 MIN_CODE = ("12222" + "3" + "3333" + "00" * 3 + "3333" + "00" * 3 + "5555" + "00" * 6 + "7777"
@@ -16,9 +16,9 @@ LARGE_STEM = supernet.NetShape(image_size=128, in_channels=3, num_classes=5, wid
 
 
 def challenge_codes():
-    if not CHALLENGE_JSON.exists():
-        pytest.skip(f"the challenge's candidate file is absent ({CHALLENGE_JSON})")
-    return [v["arch"] for v in json.loads(CHALLENGE_JSON.read_text()).values()]
+    """The codes of the challenge's file as written there (not decoded and encoded again)."""
+    raw = gzip.decompress(supernet.CHALLENGE_CANDIDATES.read_bytes())
+    return [v["arch"] for v in json.loads(raw).values()]
 
 
 @pytest.mark.parametrize("shape", [SMALL, LARGE_STEM], ids=["small-stem", "imagenet-stem"])
@@ -177,3 +177,63 @@ def test_codes_that_round_to_the_same_channels_are_one_net():
     x = torch.randn(2, 1, 14, 14)
     with torch.no_grad():
         torch.testing.assert_close(net(x, a), net(x, b), rtol=0, atol=0)
+
+
+def write_pdparams(path, net: supernet.StaticNet) -> None:
+    """`net` as paddle.save writes a state dict: a pickle of name -> numpy array under the
+    challenge demo's names (BN statistics `_mean`, `_variance`; Linear weights [in, out]) and
+    the `StructuredToParameterName@@` entry."""
+    import pickle
+    state = net.state_dict()
+    blob = {}
+    for paddle_name, ours in supernet.paddle_names(net.shape).items():
+        value = state[ours].numpy()
+        blob[paddle_name] = value.T.copy() if ours == "fc.weight" else value.copy()
+    blob["StructuredToParameterName@@"] = {k: f"param_{i}" for i, k in enumerate(blob)}
+    with open(path, "wb") as f:
+        pickle.dump(blob, f, protocol=4)
+
+
+def test_the_challenges_pdparams_and_a_torch_file_start_the_supernet_as_that_net(tmp_path):
+    shape = supernet.NetShape()  # the challenge's: full width, 224 px, 1000 classes
+    torch.manual_seed(0)
+    given = supernet.StaticNet(supernet.MAX_ARCH, shape)
+    with torch.no_grad():  # statistics and affine parameters that a name mix-up would show
+        for m in given.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                for t in (m.running_mean, m.bias):
+                    t.normal_(0, 0.1)
+                for t in (m.running_var, m.weight):
+                    t.uniform_(0.5, 1.5)
+    write_pdparams(tmp_path / "resnet48.pdparams", given)
+    torch.save(given.state_dict(), tmp_path / "net.pt")
+    x = torch.randn(1, 3, 224, 224)
+    with torch.no_grad():
+        want = given.eval()(x)
+        for name in ("resnet48.pdparams", "net.pt"):
+            weights = supernet.read_largest_net(tmp_path / name, shape)
+            assert all(torch.equal(v, given.state_dict()[k]) for k, v in weights.items()
+                       if not k.endswith("num_batches_tracked")), name
+            net = supernet.Supernet(shape)
+            supernet.load_largest(net, weights)
+            torch.testing.assert_close(net.eval()(x, supernet.MAX_ARCH), want)
+    with pytest.raises(ValueError, match=r"fc.weight is \[1000, 512\], the preset's largest "
+                                         r"net needs \[10, 512\]"):
+        supernet.read_largest_net(tmp_path / "resnet48.pdparams", supernet.NetShape(224, 3, 10))
+
+
+def test_a_weights_file_that_names_code_is_refused_without_running_it(tmp_path):
+    import os
+    import pickle
+
+    class Payload:
+        def __reduce__(self):
+            return os.system, (f"touch {tmp_path / 'ran'}",)
+
+    (tmp_path / "evil.pdparams").write_bytes(pickle.dumps({"blocks.0.conv.weight": Payload()}))
+    with pytest.raises(ValueError, match="names posix.system"):
+        supernet.read_largest_net(tmp_path / "evil.pdparams", supernet.NetShape())
+    assert not (tmp_path / "ran").exists()
+    (tmp_path / "other.pdparams").write_bytes(pickle.dumps({"something": 1}))
+    with pytest.raises(ValueError, match="has no weight for conv1.weight"):
+        supernet.read_largest_net(tmp_path / "other.pdparams", supernet.NetShape())
