@@ -1,4 +1,4 @@
-"""The datasets: Fashion-MNIST from Debian's files, CIFAR through torchvision, ImageNet folders.
+"""The datasets: Fashion-MNIST and CIFAR (found on disk or downloaded by torchvision), ImageNet.
 
 Small datasets stay whole on the training device as uint8 and are augmented there a batch at a
 time (`TensorData`); ImageNet goes through torchvision's ImageFolder and a DataLoader with
@@ -19,7 +19,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
+FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")  # Debian's dataset-fashion-mnist
+DOWNLOADS = Path("data")  # where torchvision downloads what no --data-dir holds
 FASHION_MNIST_FILES = ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz",
                        "t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -49,23 +50,44 @@ def read_idx_gz(path: Path) -> torch.Tensor:
     return torch.frombuffer(bytearray(raw[4 + 4 * ndim:]), dtype=torch.uint8).reshape(dims)
 
 
-def fashion_mnist(data_dir: Path | None):
-    """(train images, train labels, test images, test labels), images as N x 1 x 28 x 28 uint8."""
-    candidates = [data_dir, data_dir and data_dir / "FashionMNIST" / "raw", FASHION_MNIST_DIR]
-    for folder in candidates:
-        if folder and all((folder / f).exists() for f in FASHION_MNIST_FILES):
+def fashion_mnist_folders(data_dir: Path | None) -> list[Path]:
+    """Where Fashion-MNIST's four .gz files are looked for, in order: --data-dir (flat, or as
+    torchvision lays them out), Debian's package, then torchvision's layout in the download
+    folder (--data-dir, else data/)."""
+    root = data_dir or DOWNLOADS
+    folders = [data_dir, data_dir and data_dir / "FashionMNIST" / "raw", FASHION_MNIST_DIR,
+               root / "FashionMNIST" / "raw"]
+    return list(dict.fromkeys(f for f in folders if f))
+
+
+def fashion_mnist(data_dir: Path | None, download: bool = True):
+    """(train images, train labels, test images, test labels), images as N x 1 x 28 x 28 uint8,
+    from the first of `fashion_mnist_folders` that holds all four files; else torchvision
+    downloads them into the last one. DataError, in one line, when that fails too."""
+    folders = fashion_mnist_folders(data_dir)
+    for folder in folders:
+        if all((folder / f).exists() for f in FASHION_MNIST_FILES):
             xs = [read_idx_gz(folder / f) for f in FASHION_MNIST_FILES]
             return xs[0][:, None], xs[1].long(), xs[2][:, None], xs[3].long()
-    raise DataError("Fashion-MNIST not found: install it with "
-                    f"`apt-get install -y dataset-fashion-mnist` (files in {FASHION_MNIST_DIR}) "
-                    "or pass --data-dir holding the four .gz files")
+    root = folders[-1].parent.parent
+    try:
+        if not download:
+            raise FileNotFoundError("not downloaded")
+        import torchvision
+        torchvision.datasets.FashionMNIST(str(root), train=True, download=True)
+    except Exception as e:  # offline: URLError, RuntimeError or OSError
+        raise DataError(f"Fashion-MNIST is in none of {', '.join(map(str, folders))} and "
+                        f"torchvision could not download it into {root} ({type(e).__name__}): "
+                        "pass --data-dir holding its four .gz files, or on Debian "
+                        "`apt-get install -y dataset-fashion-mnist`")
+    return fashion_mnist(data_dir, download=False)
 
 
 def cifar(name: str, data_dir: Path | None):
     """The same four tensors for CIFAR-10/100, downloaded by torchvision where it can."""
     import torchvision
     cls = torchvision.datasets.CIFAR10 if name == "cifar10" else torchvision.datasets.CIFAR100
-    root = data_dir or Path("data")
+    root = data_dir or DOWNLOADS
     try:
         train, test = (cls(str(root), train=t, download=True) for t in (True, False))
     except Exception as e:  # torchvision raises URLError, RuntimeError or OSError when offline

@@ -158,3 +158,17 @@ def test_init_and_candidates_are_refused_with_one_line(runs, tmp_path):
                                            "--candidates", str(tmp_path / "none.json")]),
                    "cannot read")
     assert not runs.exists()
+
+
+def test_no_fashion_mnist_anywhere_is_one_line(runs, tmp_path, monkeypatch):
+    import torchvision
+
+    import data
+    monkeypatch.setattr(data, "FASHION_MNIST_DIR", tmp_path / "not-installed")
+    monkeypatch.setattr(data, "DOWNLOADS", tmp_path / "downloads")
+
+    def offline(root, train, download):
+        raise OSError("no network here")
+    monkeypatch.setattr(torchvision.datasets, "FashionMNIST", offline)
+    one_line_error(runner.invoke(nas.app, ["train", "--preset", "tiny", "--name", "x"]),
+                   "torchvision could not download it")

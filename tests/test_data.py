@@ -3,6 +3,7 @@
 import gzip
 import struct
 import urllib.error
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -438,9 +439,16 @@ def fashion(tmp_path):
 
 @pytest.fixture
 def no_system_fashion(monkeypatch, tmp_path):
+    """Debian's folder out of reach, torchvision's download folder empty, and no network: a
+    download fails at once."""
     empty = tmp_path / "system-fashion-mnist"
     empty.mkdir()
     monkeypatch.setattr(data, "FASHION_MNIST_DIR", empty)
+    monkeypatch.setattr(data, "DOWNLOADS", tmp_path / "downloads")
+
+    def offline(root, train, download):
+        raise OSError("no network here")
+    monkeypatch.setattr(torchvision.datasets, "FashionMNIST", offline)
     return empty
 
 
@@ -467,10 +475,39 @@ def test_fashion_mnist_from_the_system_folder(fashion, no_system_fashion):
 
 
 @pytest.mark.parametrize("data_dir", [None, "empty"])
-def test_fashion_mnist_missing_says_how_to_install(no_system_fashion, tmp_path, data_dir):
-    with pytest.raises(data.DataError, match="apt-get") as e:
+def test_fashion_mnist_missing_says_where_it_looked_in_one_line(no_system_fashion, tmp_path,
+                                                               data_dir):
+    with pytest.raises(data.DataError, match="could not download it") as e:
         data.fashion_mnist(data_dir and tmp_path)
-    assert "--data-dir" in str(e.value)
+    message = str(e.value)
+    assert "--data-dir" in message and "apt-get" in message and "\n" not in message
+    assert str(no_system_fashion) in message and "OSError" in message
+
+
+def test_fashion_mnist_sources_are_taken_in_order_and_downloads_land_in_data(
+        fashion, no_system_fashion, tmp_path, monkeypatch):
+    arrays, write = fashion
+    other = tuple(a[::-1].copy() for a in arrays)  # another dataset, to tell the sources apart
+    downloads = write(data.DOWNLOADS / "FashionMNIST" / "raw")
+    # torchvision's layout under data/ is found without --data-dir
+    assert_fashion(data.fashion_mnist(None), arrays)
+    # Debian's folder comes before it, --data-dir before both
+    for name, array in zip(data.FASHION_MNIST_FILES, other):
+        write_idx_gz(no_system_fashion / name, 0x00000800 | array.ndim, array)
+    assert_fashion(data.fashion_mnist(None), other)
+    assert_fashion(data.fashion_mnist(write(tmp_path / "mine")), arrays)
+    # nothing anywhere: torchvision downloads into the download folder, which is then read
+    for folder in (downloads, no_system_fashion):
+        for name in data.FASHION_MNIST_FILES:
+            (folder / name).unlink()
+    roots = []
+
+    def download(root, train, download):
+        roots.append(root)
+        write(Path(root) / "FashionMNIST" / "raw")
+    monkeypatch.setattr(torchvision.datasets, "FashionMNIST", download)
+    assert_fashion(data.fashion_mnist(None), arrays)
+    assert roots == [str(data.DOWNLOADS)]
 
 
 def test_load_data_fashion_mnist(fashion, no_system_fashion, tmp_path):
