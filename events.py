@@ -23,12 +23,13 @@ EVENTS = {
     "phase_start": "stage, phase, index, of, steps, lr, k, space, sub, resumed_at",
     "progress": "stage, phase, step, steps, loss, lr, ips, epoch (Π-NAS: queue_fill, "
                 "ema_momentum)",
-    "pool": "stage, step, size, mean_dist, min_dist, novelty, archs",
-    "rank": "stage, phase, step, pearson, kendall, spearman, n, points",
+    "pool": "stage, step, size, mean_dist, min_dist, novelty, archs, depths, widths (each "
+            "member's depths and per-stage mean width in %)",
+    "rank": "stage, step, pearson, kendall, spearman, n, points (phase: but in the final one)",
     "checkpoint": "path, stage, phase, step",
     "phase_end": "stage, phase, loss, seconds",
     "stage_end": "stage, seconds",
-    "kd_teacher": "warmup_top1, largest_subnet_top1, chosen",
+    "kd_teacher": "chosen (warmup_top1, largest_subnet_top1: where the two were compared)",
     "warning": "message",
     "groundtruth_step": "arch, seed, step, steps, done, total",
     "groundtruth": "done, total, arch, acc, seed, seconds, flops",
@@ -38,6 +39,18 @@ EVENTS = {
     "results": "report, rows",
     "end": "status, message",
 }
+
+
+def fields(event: str) -> list[str]:
+    """The fields every `event` carries (besides time and event): EVENTS' names outside
+    parentheses, each up to its colon."""
+    text, depth, kept = EVENTS[event], 0, ""
+    for ch in text:
+        depth += ch in "([{"
+        if not depth:
+            kept += ch
+        depth -= ch in ")]}"
+    return [f.split(":")[0].strip() for f in kept.split(",") if f.strip()]
 
 
 class EventLog:

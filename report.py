@@ -119,15 +119,42 @@ def corrected_for_unreliability(value: float, seed_vs_seed: float, name: str) ->
     return _from_pearson(max(-1.0, min(1.0, corrected)), name)
 
 
-def corrected_metrics(metrics: dict, seed_vs_seed: dict) -> dict:
-    """`corrected_for_unreliability` of every metric (point estimate and interval ends)."""
+# The correction divides by the ceiling (the root of the 2-seed mean's reliability). It is
+# shown only where the low end of the ceiling's 95% interval, in Pearson's terms, reaches this:
+# the division then at most doubles a value even there. Below it the divisor may be near 0, and
+# a noisy truth would print as a near-perfect corrected score.
+CORRECTION_FLOOR = 0.5
+
+
+def correction_estimable(ceiling: dict, name: str) -> bool:
+    """Whether a metric's correction is shown: the ceiling's interval clear of CORRECTION_FLOOR."""
+    low = (ceiling.get(f"{name}_ci") or [0.0])[0]
+    return _as_pearson(low, name) >= CORRECTION_FLOOR
+
+
+def correction_withheld(ceiling: dict) -> str:
+    """Why the report shows no corrected value, in words."""
+    low = _as_pearson((ceiling.get("pearson_ci") or [0.0])[0], "pearson")
+    return (f"Not corrected for the ground truth's unreliability: the low end of the ceiling's "
+            f"95% interval is {low:.2f} (Pearson), below {CORRECTION_FLOOR}; the correction "
+            "divides by the ceiling, and a divisor that may be near 0 makes any value look "
+            "near-perfect.")
+
+
+def corrected_metrics(metrics: dict, seed_vs_seed: dict, ceiling: dict) -> dict:
+    """`corrected_for_unreliability` of every metric (point estimate and interval ends) whose
+    `correction_estimable`; None for the others, and "withheld" (why) when none is."""
     out = {"n": metrics["n"]}
     for name in METRICS:
-        out[name] = corrected_for_unreliability(metrics[name], seed_vs_seed[name], name)
+        estimable = correction_estimable(ceiling, name)
+        out[name] = (corrected_for_unreliability(metrics[name], seed_vs_seed[name], name)
+                     if estimable else None)
         ci = metrics.get(f"{name}_ci")
         if ci and out[name] is not None:
             out[f"{name}_ci"] = [corrected_for_unreliability(v, seed_vs_seed[name], name)
                                  for v in ci]
+    if all(out[name] is None for name in METRICS):
+        out["withheld"] = correction_withheld(ceiling)
     return out
 
 
@@ -169,20 +196,27 @@ def predictor_extras(pred, truth, metrics: dict, ceiling: dict | None, flops) ->
     its agreement on the pairs the truth decides."""
     out = {"kendall_with_flops": float(_kendall(pred, flops))}
     if ceiling and ceiling.get("seed_noise") is not None:
-        out["corrected"] = corrected_metrics(metrics, ceiling["seed_vs_seed"])
+        out["corrected"] = corrected_metrics(metrics, ceiling["seed_vs_seed"],
+                                             ceiling["ceiling"])
         out["decisive_pairs"] = decisive_pair_agreement(pred, truth, ceiling["seed_noise"])
     return out
 
 
 def results_table(results: dict) -> dict:
     """The final table as rows {label: metrics}: the supernet, the FLOPs and params rankings,
-    seed-vs-seed agreement and the noise ceiling (those two with 2 seeds only)."""
+    seed-vs-seed agreement and the noise ceiling (those two with 2 seeds only), and the
+    supernet corrected for the truth's unreliability where that is estimable ({"note": why not}
+    where it is not)."""
     rows = {"supernet": results["metrics"], "FLOPs": results["flops"],
             "params": results["params"]}
     ceiling = results.get("noise_ceiling")
     if ceiling:
         rows["seed vs seed (R)"] = ceiling["seed_vs_seed"]
         rows["ceiling"] = ceiling["ceiling"]
+    corrected = results.get("corrected")
+    if corrected:
+        rows["supernet, corrected"] = ({"note": "not estimable: the ceiling may be near 0"}
+                                       if "withheld" in corrected else corrected)
     return {"rows": rows}
 
 
@@ -199,10 +233,12 @@ def run_results(truth: dict, accs: dict, ceiling: dict | None, preset: Preset) -
     pred, y = [accs[c] for c in truth], list(truth.values())
     flops, params = arch_sizes(truth, preset)
     metrics = rank_metrics(pred, y)
+    seeds = (ceiling or {}).get("seeds", {})
     return {"metrics": metrics, "noise_ceiling": ceiling,
             "flops": rank_metrics(flops, y), "params": rank_metrics(params, y),
             **predictor_extras(pred, y, metrics, ceiling, flops),
-            "archs": [{"arch": c, "supernet": accs[c], "truth": truth[c]} for c in truth]}
+            "archs": [{"arch": c, "supernet": accs[c], "truth": truth[c],
+                       **({"seeds": seeds[c]} if c in seeds else {})} for c in truth]}
 
 
 # ---------------------------------------------------------------- the noise ceiling
@@ -222,7 +258,8 @@ def noise_ceiling(per_seed: list[dict[str, float]]) -> dict | None:
     # one net's noise: the two seeds' differences have twice its variance
     diffs = [first[c] - second[c] for c in both]
     return {"seed_vs_seed": r, "ceiling": ceiling_metrics(r),
-            "seed_noise": float(np.std(diffs, ddof=1) / math.sqrt(2))}
+            "seed_noise": float(np.std(diffs, ddof=1) / math.sqrt(2)),
+            "seeds": {c: [first[c], second[c]] for c in both}}
 
 
 def _as_pearson(value: float, name: str) -> float:
@@ -293,7 +330,9 @@ CEILING_NOTE = (
 
 def write_scatter(path: Path, results: dict, preset: Preset) -> Path:
     """A PNG: supernet accuracy against the ground truth, one point per arch, and FLOPs against
-    the ground truth beside it (the ranking that costs nothing), each titled with Kendall tau."""
+    the ground truth beside it (the ranking that costs nothing), each titled with Kendall tau.
+    Each arch's two seeds are a vertical bar through its point (the truth is their mean): the
+    truth's noise, drawn where it is read."""
     import matplotlib
     matplotlib.use("Agg")  # no screen needed
     import matplotlib.pyplot as plt
@@ -302,6 +341,10 @@ def write_scatter(path: Path, results: dict, preset: Preset) -> Path:
     truth = [r["truth"] for r in rows]
     flops = [f / 1e6 for f in arch_sizes([r["arch"] for r in rows], preset)[0]]
     fig, (left, right) = plt.subplots(1, 2, figsize=(9, 4), sharey=True)
+    for ax, xs in ((left, [r["supernet"] for r in rows]), (right, flops)):
+        bars = [(x, r["seeds"]) for x, r in zip(xs, rows) if "seeds" in r]
+        ax.vlines([x for x, _ in bars], [min(s) for _, s in bars], [max(s) for _, s in bars],
+                  color="tab:gray", alpha=0.5, lw=1)
     left.scatter([r["supernet"] for r in rows], truth, s=14)
     left.set(xlabel="supernet top-1 (inherited weights, BN recalibrated)",
              ylabel=f"ground truth: {READINGS[preset.gt_reading][0]} (stand-alone)",
@@ -336,11 +379,15 @@ def extras_lines(results: dict) -> list[str]:
         lines += [f"Kendall of the supernet's accuracies with FLOPs: "
                   f"{results['kendall_with_flops']:.3f} (near 1 or -1: it ranks by size).", ""]
     corrected = results.get("corrected")
-    if corrected and corrected.get("kendall") is not None:
+    if corrected and "withheld" in corrected:
+        lines += [corrected["withheld"], ""]
+    elif corrected and any(corrected.get(name) is not None for name in METRICS):
         cells = ", ".join(f"{name} {format_metric(corrected, name)}" for name in METRICS
                           if corrected[name] is not None)
         lines += [f"Corrected for the ground truth's unreliability (Spearman 1904, r / "
-                  f"sqrt(2R / (1 + R)); an estimate, not a measurement): {cells}.", ""]
+                  f"sqrt(2R / (1 + R)); an estimate, not a measurement; shown where the low "
+                  f"end of the ceiling's interval is at least {CORRECTION_FLOOR} in Pearson's "
+                  f"terms): {cells}.", ""]
     pairs = results.get("decisive_pairs")
     if pairs and pairs["pairs"]:
         ci = pairs.get("share_ci")

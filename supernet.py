@@ -247,6 +247,13 @@ def physical_net(arch: Arch, shape: NetShape) -> tuple:
     return stem_channels(arch, shape), blocks_of(arch, shape)
 
 
+def stage_widths(arch: Arch) -> list[int]:
+    """Each stage's mean width over its convs (conv1s and the shared conv2 width), in % of the
+    stage's base: how wide an arch is at a glance."""
+    return [round(100 * sum(WIDTH_RATIOS[c] for c in (*arch.mids[s], arch.outs[s]))
+                  / (len(arch.mids[s]) + 1)) for s in range(4)]
+
+
 def feature_width(arch: Arch, shape: NetShape) -> int:
     """Channels of the pooled features: the classifier's input."""
     return shape.ch(BASE_WIDTHS[3], arch.outs[3])

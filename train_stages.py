@@ -290,10 +290,13 @@ class ConstraintPool:
             self.members[nearest] = candidates[best]
 
     def stats(self) -> dict:
-        """Size, mean and min pairwise Eq.-2 distance, mean novelty of the members, their codes."""
+        """Size, mean and min pairwise Eq.-2 distance, mean novelty of the members; their codes,
+        and what a reader scans them by: depths, and each stage's mean width in % of its base."""
         n = len(self.members)
         out = {"size": n, "mean_dist": 0.0, "min_dist": 0.0, "novelty": 0.0,
-               "archs": [supernet.encode(a) for a in self.members]}
+               "archs": [supernet.encode(a) for a in self.members],
+               "depths": [list(a.depths) for a in self.members],
+               "widths": [supernet.stage_widths(a) for a in self.members]}
         if n > 1:
             d = supernet.distances(self.members, self.members)
             pairs = d[torch.triu_indices(n, n, 1).unbind()]

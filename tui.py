@@ -6,8 +6,9 @@ written by another process, or to one that has finished. The log may still be be
 may hold events this version does not know, and old events may lack fields, so every field is
 read with `.get` and formatted defensively.
 
-`RunState` folds the events into what the panels show; the text, the ETA and the timeline are
-functions of it. With `process` given, the UI owns the training subprocess (`TrainerControl`):
+`RunState` folds the events into what the panels show; the text, the ETA, the timeline and
+the rank series are functions of it. Where the terminal is short (80 x 24) the plots give way
+to the latest values and a sparkline each (`NasApp.fit_to`). With `process` given, the UI owns the training subprocess (`TrainerControl`):
 `q` asks once more, then sends SIGINT (the trainer saves a checkpoint and writes an `end`
 event) and waits for it to exit.
 """
@@ -31,6 +32,7 @@ from events import clock as _clock, describe, finite as _finite, is_number as _i
 POLL_SECONDS = 0.5
 CONFIRM_SECONDS = 5.0
 QUIET_SECONDS = 60.0  # a run this long without events is maybe not running any more: say so
+COMPACT_BELOW = 30  # terminal rows under which the plots give way to sparklines
 END_WORDS = {"done": "finished", "interrupted": "interrupted", "failed": "failed"}
 CONFIRM_TEXT = "press q again to stop training (saves a checkpoint)"
 GROUND_TRUTH_EVENTS = ("groundtruth", "groundtruth_step")
@@ -122,6 +124,7 @@ class RunState:
         self.rates: dict[str, float] = {}  # measured seconds per step, by phase
         self.phase_clock: tuple[float, int] | None = None  # (time, step) the phase began at
         self.points: list = []  # [supernet, truth] per arch, from the latest rank event
+        self.rank_events: list[dict] = []  # every rank event: the running rank correlation
         self.front: list = []  # [GFLOPs, top-1] of the search's Pareto front so far
         self.results: dict = {}  # the final table
         self.pool: dict = {}
@@ -204,6 +207,8 @@ class RunState:
         self.rank = e
         if isinstance(e.get("points"), list):
             self.points = _pairs(e["points"])
+        if _finite(e.get("kendall")) or _finite(e.get("pearson")):
+            self.rank_events.append(e)
 
     def _noise_ceiling(self, e: dict) -> None:
         self.ceiling = e
@@ -283,6 +288,40 @@ def eta(s: RunState) -> float | None:
     return left if s.plan or gt_eta(s) is not None else None
 
 
+def phase_offsets(plan: list[dict]) -> tuple[dict[str, int], int]:
+    """Each planned phase's first step counted over the whole run, and the run's steps."""
+    offsets, total = {}, 0
+    for p in plan:
+        offsets[str(p.get("phase"))] = total
+        total += p["steps"] if _finite(p.get("steps")) else 0
+    return offsets, total
+
+
+def rank_series(s: RunState) -> list[tuple[float, float | None, float | None]]:
+    """(training step over the whole run, Kendall, Pearson) of every rank probe so far; the
+    final evaluation at the run's last step. Without a plan, probes are numbered in order."""
+    offsets, total = phase_offsets(s.plan)
+    series = []
+    for i, e in enumerate(s.rank_events):
+        if e.get("stage") == "final":
+            x = total if total else i
+        elif str(e.get("phase")) in offsets and _finite(e.get("step")):
+            x = offsets[str(e["phase"])] + e["step"]
+        else:
+            x = i
+        series.append((x, *(e[k] if _finite(e.get(k)) else None for k in ("kendall", "pearson"))))
+    return series
+
+
+def stage_starts(s: RunState) -> list[tuple[int, str]]:
+    """(first step over the whole run, stage) of every planned stage: the series' x ticks."""
+    offsets, _ = phase_offsets(s.plan)
+    starts = {}
+    for p in s.plan:
+        starts.setdefault(str(p.get("stage")), offsets[str(p.get("phase"))])
+    return [(x, stage) for stage, x in starts.items()]
+
+
 def timeline(s: RunState) -> list[tuple[str, str, float | None]]:
     """(stage, done | running | waiting, seconds if done) along the run."""
     out = []
@@ -342,6 +381,19 @@ def pool_text(pool: dict) -> str:
             f"({pool.get('stage')} step {pool.get('step')})")
 
 
+def pool_rows(pool: dict) -> list[tuple[str, str, str]]:
+    """The pool's members as a reader scans them: (#, depths per stage, mean width % per
+    stage); a log without those fields (an older version's) shows the codes instead."""
+    archs = pool.get("archs") if isinstance(pool.get("archs"), list) else []
+    depths, widths = pool.get("depths"), pool.get("widths")
+    if not (isinstance(depths, list) and isinstance(widths, list)
+            and len(depths) == len(widths) == len(archs)):
+        return [(str(i), str(a), "") for i, a in enumerate(archs, 1)]
+    def spaced(values):
+        return " ".join(str(v) for v in values) if isinstance(values, list) else "-"
+    return [(str(i), spaced(d), spaced(w)) for i, (d, w) in enumerate(zip(depths, widths), 1)]
+
+
 def rank_text(rank: dict, ceiling: dict) -> str:
     """The latest Kendall τ, Pearson P and Spearman ρ, and the noise ceiling, in two lines to
     leave the scatter below (supernet (x) against truth (y)) as much room as they can."""
@@ -387,6 +439,29 @@ def final_cells(m: dict, name: str) -> str:
     ci_ok = isinstance(ci, list) and len(ci) == 2
     interval = f" [{_num(ci[0], '.2f')}, {_num(ci[1], '.2f')}]" if ci_ok else ""
     return _num(m.get(name), ".3f") + interval
+
+
+class RankSeries(PlotextPlot):
+    """The running rank correlation: Kendall τ and Pearson at every probe, over the run's
+    training steps, with the ceiling's Kendall as a line beside them; `series` holds what is
+    drawn."""
+
+    def show(self, series: list, ceiling: float | None, starts: list) -> None:
+        self.series = list(series)
+        plt = self.plt
+        plt.clear_data()
+        plt.clear_figure()
+        for k, label in ((1, "τ"), (2, "P")):
+            points = [(p[0], p[k]) for p in self.series if p[k] is not None]
+            if points:
+                plt.plot([x for x, _ in points], [y for _, y in points], label=label,
+                         marker="braille")
+        if self.series and ceiling is not None:
+            plt.hline(ceiling, "gray")
+            plt.title(f"ceiling τ {ceiling:.2f} (gray)")
+        if starts:
+            plt.xticks([x for x, _ in starts], [stage[:7] for _, stage in starts])
+        self.refresh()
 
 
 class RankScatter(PlotextPlot):
@@ -460,9 +535,9 @@ class NasApp(App):
     #phase-panel { width: 36; }
     #rank-panel { width: 44; }
     #progress Bar { width: 1fr; }
-    #pool-spark { height: 2; margin-bottom: 1; }
+    #pool-spark, #rank-spark, #final-pool-spark { height: 1; }
     #pool-members, #gt-table, #final-table { height: 1fr; }
-    #scatter { height: 1fr; min-height: 4; }
+    #rank-series, #scatter { height: 1fr; min-height: 4; }
     """
     BINDINGS = [("q", "quit_or_stop", "quit")]
     ENABLE_COMMAND_PALETTE = False
@@ -490,10 +565,14 @@ class NasApp(App):
                 yield DataTable(id="gt-table", show_cursor=False)
             with Vertical(id="final-panel", classes="panel"):
                 yield Static(id="final-path", markup=False)
+                yield Static(id="final-pool", markup=False)  # the pool's series stays in view
+                yield Sparkline([], id="final-pool-spark")
                 yield DataTable(id="final-table", show_cursor=False)
         with Horizontal(classes="row-bottom"):
             with Vertical(id="rank-panel", classes="panel"):
                 yield Static(id="rank", markup=False)
+                yield Sparkline([], id="rank-spark")
+                yield RankSeries(id="rank-series")
                 yield RankScatter(id="scatter")
             with Vertical(id="log-panel", classes="panel"):
                 yield Log(id="log", max_lines=5000)
@@ -504,12 +583,24 @@ class NasApp(App):
                   "log-panel": "log", "gt-panel": "ground truth", "final-panel": "results"}
         for panel_id, title in titles.items():
             self.query_one(f"#{panel_id}").border_title = title
-        self.query_one("#pool-members", DataTable).add_columns("#", "arch")
+        self.query_one("#pool-members", DataTable).add_columns("#", "depths", "width %")
         self.query_one("#gt-table", DataTable).add_columns(*GT_COLUMNS)
         self.query_one("#final-table", DataTable).add_columns("", "kendall", "pearson",
                                                               "spearman", "n")
+        self.fit_to(self.size.height)
         self.poll_log()
         self.set_interval(POLL_SECONDS, self._tick)
+
+    def on_resize(self, event) -> None:
+        self.fit_to(event.size.height)
+
+    def fit_to(self, rows: int) -> None:
+        """Plots where there is room; in a short terminal (80 x 24) the latest values and a
+        sparkline each: the rank series and the pool's members give way."""
+        compact = rows < COMPACT_BELOW
+        for selector in ("#rank-series", "#scatter", "#pool-members"):
+            self.query_one(selector).display = not compact
+        self.query_one("#rank-spark").display = compact
 
     def _tick(self) -> None:
         self.poll_log()
@@ -544,7 +635,16 @@ class NasApp(App):
         self.query_one("#progress", ProgressBar).update(total=total, progress=done)
         self.query_one("#pool", Static).update(pool_text(s.pool))
         self.query_one("#pool-spark", Sparkline).data = list(s.pool_means)
+        self.query_one("#final-pool", Static).update(
+            f"pool  {pool_text(s.pool).splitlines()[0]}" if s.pool else "")
+        self.query_one("#final-pool-spark", Sparkline).data = list(s.pool_means)
         self.query_one("#rank", Static).update(rank_text(s.rank, s.ceiling))
+        series = rank_series(s)
+        self.query_one("#rank-spark", Sparkline).data = [k for _, k, _ in series
+                                                         if k is not None]
+        ceiling = s.ceiling.get("kendall") if _finite(s.ceiling.get("kendall")) else None
+        if self._changed("series", (series, ceiling)):
+            self.query_one("#rank-series", RankSeries).show(series, ceiling, stage_starts(s))
         self.query_one("#timeline", Static).update(timeline_text(s))
         searching = s.activity.get("event") == "search" and not s.results
         points = s.front if searching else s.points  # the run's own once the results are in
@@ -557,11 +657,10 @@ class NasApp(App):
             table.add_rows(self.drawn["gt"])
             table.move_cursor(row=len(s.gt_rows) - 1)  # the newest net in view
         self._show_big_panel()
-        archs = s.pool.get("archs")
-        if self._changed("pool", archs if isinstance(archs, list) else []):
+        if self._changed("pool", pool_rows(s.pool)):
             table = self.query_one("#pool-members", DataTable)
             table.clear()
-            table.add_rows((i, str(arch)) for i, arch in enumerate(self.drawn["pool"], 1))
+            table.add_rows(self.drawn["pool"])
 
     def _show_big_panel(self) -> None:
         """The results once there are some, the ground truth while it trains, else the pool."""
@@ -577,7 +676,9 @@ class NasApp(App):
         rows = results.get("rows") if isinstance(results.get("rows"), dict) else {}
         table = self.query_one("#final-table", DataTable)
         for label, m in rows.items():
-            if isinstance(m, dict):
+            if isinstance(m, dict) and "note" in m:  # e.g. a correction that is not estimable
+                table.add_row(label, str(m["note"]), "", "", "")
+            elif isinstance(m, dict):
                 table.add_row(label, *(final_cells(m, k) for k in ("kendall", "pearson",
                                                                    "spearman")), str(m.get("n")))
 

@@ -183,8 +183,8 @@ def table(rows: list[dict], ceiling: dict | None) -> str:
         m = r["metrics"]
         cells = [report.format_metric(m, k) for k in report.METRICS]
         corrected = r.get("corrected")
-        cells.append(report.format_metric(corrected, "kendall")
-                     if corrected and corrected["kendall"] is not None else "")
+        cells.append("" if not corrected else report.format_metric(corrected, "kendall")
+                     if corrected["kendall"] is not None else "not estimable")
         pairs = r.get("decisive_pairs")
         cells.append(report.format_metric(pairs, "share") + f" of {pairs['pairs']}"
                      if pairs and pairs["pairs"] else "")

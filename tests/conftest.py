@@ -30,3 +30,19 @@ def micro_data():
         return data.load_data(MICRO, "cpu")
     except data.DataError as e:
         pytest.skip(str(e))
+
+
+@pytest.fixture(scope="session")
+def dry_run(tmp_path_factory, micro_data):
+    """bench/gpu_check.sh --dry-run, once a session: every step of the device check on the CPU,
+    and so this suite's real end-to-end run of `nas.py all` (the smoke preset; a second `all`
+    resumes the same run). Tests that change a run folder copy it first."""
+    import subprocess
+    from types import SimpleNamespace
+    work = tmp_path_factory.mktemp("dry-run")
+    done = subprocess.run(["bash", str(ROOT / "bench" / "gpu_check.sh"), "--dry-run", "--out",
+                           str(work / "out")], cwd=work, capture_output=True, text=True,
+                          timeout=600, env={**os.environ, "PYTHON": sys.executable})
+    runs = work / "runs"
+    return SimpleNamespace(done=done, out=work / "out", runs=runs,
+                           run=next(runs.glob("check-smoke-*"), None))

@@ -172,3 +172,40 @@ def test_no_fashion_mnist_anywhere_is_one_line(runs, tmp_path, monkeypatch):
     monkeypatch.setattr(torchvision.datasets, "FashionMNIST", offline)
     one_line_error(runner.invoke(nas.app, ["train", "--preset", "tiny", "--name", "x"]),
                    "torchvision could not download it")
+
+
+@pytest.fixture
+def trained_run(dry_run, tmp_path, monkeypatch):
+    """A copy of the dry run's finished smoke run, as runs/NAME in the current folder."""
+    import shutil
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(nas, "RUNS", tmp_path / "runs")
+    shutil.copytree(dry_run.run, tmp_path / "runs" / dry_run.run.name)
+    return tmp_path / "runs" / dry_run.run.name
+
+
+def test_search_export_and_evaluate_from_the_command_line(trained_run, tmp_path):
+    import torch
+    name = trained_run.name
+    result = runner.invoke(nas.app, ["search", "--name", name, "--flops", "6G", "--population",
+                                     "4", "--generations", "1", "--quiet"])
+    assert result.exit_code == 0, result.output
+    found = json.loads((trained_run / "search.json").read_text())
+    assert found["best"]["flops"] <= 6e9 and "best under FLOPs <= 6 G" in result.output
+    code = found["best"]["arch"]
+    result = runner.invoke(nas.app, ["export", "--name", name, code, "--out",
+                                     str(tmp_path / "net.pt")])
+    assert result.exit_code == 0, result.output
+    program = torch.export.load(tmp_path / "net.pt2").module()
+    assert program(torch.rand(3, 1, 14, 14)).shape == (3, 10)
+    # a challenge file filled in: each arch's acc is what the run's evaluation gave it
+    results = json.loads((trained_run / "results.json").read_text())
+    entries = {f"arch{i}": {"acc": 0.0, "arch": a["arch"]}
+               for i, a in enumerate(results["archs"], 1)}
+    (tmp_path / "archs.json").write_text(json.dumps(entries))
+    result = runner.invoke(nas.app, ["evaluate", "--name", name, "--archs",
+                                     str(tmp_path / "archs.json"), "--out",
+                                     str(tmp_path / "filled.json"), "--quiet"])
+    assert result.exit_code == 0, result.output
+    filled = json.loads((tmp_path / "filled.json").read_text())
+    assert [filled[k]["acc"] for k in entries] == [a["supernet"] for a in results["archs"]]

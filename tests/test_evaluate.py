@@ -198,16 +198,31 @@ def test_correction_for_unreliability_divides_by_the_root_of_the_2_seed_reliabil
     assert report.corrected_for_unreliability(0.4, 1.0, "kendall") == pytest.approx(0.4)
     assert report.corrected_for_unreliability(0.9, 0.1, "pearson") == 1.0  # clipped
     assert report.corrected_for_unreliability(0.3, -0.1, "kendall") is None
+    seeds = {"pearson": 0.5, "kendall": 0.3, "spearman": 0.0}
+    reliable = report.ceiling_metrics({**seeds, "n": 9, "pearson_ci": [0.4, 0.6],
+                                       "kendall_ci": [0.25, 0.4], "spearman_ci": [-0.3, 0.3]})
     m = report.corrected_metrics({"n": 9, "pearson": 0.5, "kendall": 0.3, "spearman": 0.4,
-                                  "kendall_ci": [0.1, 0.5]},
-                                 {"pearson": 0.5, "kendall": 0.3, "spearman": 0.0})
+                                  "kendall_ci": [0.1, 0.5]}, seeds, reliable)
     assert m["kendall"] > 0.3 and m["kendall_ci"][0] > 0.1 and m["spearman"] is None
-    # the report says it where the seeds agree, and stays silent where the truth is noise
+    # the report says it where the truth is reliable enough to divide by its ceiling
     line = "Corrected for the ground truth's unreliability"
     assert any(line in x for x in report.extras_lines({"corrected": m}))
-    noise = report.corrected_metrics({"n": 9, "pearson": 0.5, "kendall": 0.3, "spearman": 0.4},
-                                     {"pearson": -0.2, "kendall": -0.1, "spearman": -0.1})
-    assert not any(line in x for x in report.extras_lines({"corrected": noise}))
+    assert report.results_table({"metrics": {}, "flops": {}, "params": {}, "corrected": m}
+                                )["rows"]["supernet, corrected"] is m
+    # and says in words why not where the ceiling's interval reaches down to near 0 (the tiny
+    # run's ceiling printed a corrected Kendall of 1.000 [-0.53, 1.00] before this rule)
+    agree = {"pearson": 0.6, "kendall": 0.5, "spearman": 0.6}
+    shaky = report.ceiling_metrics({**agree, "n": 8, "pearson_ci": [-0.5, 0.9],
+                                    "kendall_ci": [-0.4, 0.8], "spearman_ci": [-0.5, 0.9]})
+    assert shaky["kendall"] > 0.5  # the point estimate alone would pass
+    withheld = report.corrected_metrics({"n": 8, "pearson": 0.9, "kendall": 0.8,
+                                         "spearman": 0.9}, agree, shaky)
+    assert all(withheld[k] is None for k in report.METRICS)
+    lines = report.extras_lines({"corrected": withheld})
+    assert not any(line in x for x in lines) and any("Not corrected" in x for x in lines)
+    row = report.results_table({"metrics": {}, "flops": {}, "params": {},
+                                "corrected": withheld})["rows"]["supernet, corrected"]
+    assert "not estimable" in row["note"]
 
 
 def test_decided_pairs_are_those_apart_by_twice_the_seed_noise():

@@ -31,8 +31,11 @@ def warm(micro_data):
     return trainer.train(st, micro_data, None, events.EventLog(None))
 
 
-def test_the_probe_set_holds_every_depth_cell():
-    assert len(mechanisms.CELLS) == 28
+def test_the_probe_set_holds_every_depth_cell(probe):
+    (lo3, hi3), (lo4, hi4) = supernet.DEPTH_RANGES[2:]
+    every = {(d3, d4) for d3 in range(lo3, hi3 + 1) for d4 in range(lo4, hi4 + 1)}
+    assert set(mechanisms.CELLS) == every and len(mechanisms.CELLS) == len(every)
+    assert sorted((a.depths[2], a.depths[3]) for a in probe.archs) == sorted(every)
 
 
 def test_interference_of_an_arch_with_itself_on_one_batch_is_one(warm, probe):
@@ -71,11 +74,12 @@ def test_forgetting_is_zero_with_nothing_trained_and_positive_after_a_large_lr(w
 def test_forgetting_under_cpt_is_zero_at_lr_zero_and_moves_otherwise(warm, probe):
     still = mechanisms.forgetting_under_cpt(warm.net, probe, lr=0.0, steps=5, window=2,
                                            pool_size=2)
-    assert still["floor"] == 0.0
+    assert still["floor"] == 0.0  # nothing moved: both batches see no forgetting
     assert all(still[arm]["mean"]["mean"] == 0 for arm in ("no pool", "random pool", "CPT pool"))
     moving = mechanisms.forgetting_under_cpt(warm.net, probe, lr=0.5, steps=5, window=2,
                                             pool_size=2)
     assert any(moving[arm]["mean"]["mean"] != 0 for arm in ("no pool", "random pool", "CPT pool"))
+    assert moving["floor"] > 0  # the same forgetting read on a second batch differs
     assert moving["CPT pool"]["pool_mean_distance"] > 0
 
 

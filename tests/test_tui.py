@@ -8,6 +8,7 @@ import sys
 from textual.widgets import DataTable, Log, ProgressBar, Sparkline, Static
 
 import tui
+from conftest import ROOT
 from tui import NasApp
 
 T0 = 1_700_000_000.0
@@ -328,3 +329,113 @@ def test_the_final_table_shows_the_results_and_the_report(tmp_path):
         assert "done" in text(app, "#timeline")
 
     drive(app, script)
+
+
+def test_every_event_a_real_run_writes_is_in_the_vocabulary_with_its_fields(dry_run):
+    import events as vocabulary
+    logged = [json.loads(line) for line in
+              (dry_run.run / "events.jsonl").read_text().splitlines()]
+    assert {e["event"] for e in logged} >= {"run_start", "plan", "groundtruth", "noise_ceiling",
+                                           "phase_start", "progress", "pool", "rank",
+                                           "checkpoint", "phase_end", "stage_end", "evaluate",
+                                           "search", "results", "end"}
+    for e in logged:
+        assert e["event"] in vocabulary.EVENTS, e["event"]
+        missing = set(vocabulary.fields(e["event"])) - e.keys()
+        assert not missing, (e["event"], missing)
+
+
+def test_the_ui_shows_what_a_real_run_wrote(dry_run):
+    logged = [json.loads(line) for line in
+              (dry_run.run / "events.jsonl").read_text().splitlines()]
+    ranks = [e for e in logged if e["event"] == "rank"]
+    pool = [e for e in logged if e["event"] == "pool"][-1]
+    results = [e for e in logged if e["event"] == "results"][-1]
+    stages = list(dict.fromkeys(p["stage"] for p in
+                                [e for e in logged if e["event"] == "plan"][-1]["phases"]))
+    for size in ((80, 24), (120, 40)):
+        app = NasApp(dry_run.run)
+
+        async def script(pilot):
+            await pilot.pause()
+            timeline = tui.timeline(app.state)
+            assert [(stage, status) for stage, status, _ in timeline] == (
+                [("ground truth", "done")] + [(stage, "done") for stage in stages])
+            assert all(seconds is not None for _, _, seconds in timeline[1:])
+            # the rank series: one point per probe and the final evaluation, as a line where
+            # there is room and as a sparkline in 80 x 24
+            series = tui.rank_series(app.state)
+            assert [k for _, k, _ in series] == [e["kendall"] for e in ranks]
+            assert [x for x, _, _ in series] == sorted(x for x, _, _ in series)
+            compact = size[1] < tui.COMPACT_BELOW
+            assert app.query_one("#rank-spark").display == compact
+            assert app.query_one("#rank-series").display != compact
+            if compact:
+                assert app.query_one("#rank-spark", Sparkline).data == [e["kendall"]
+                                                                       for e in ranks]
+            else:
+                assert len(app.query_one("#rank-series", tui.RankSeries).series) == len(ranks)
+                members = app.query_one("#pool-members", DataTable)
+                assert [tuple(members.get_row_at(i)) for i in range(members.row_count)] == [
+                    (str(i), " ".join(map(str, d)), " ".join(map(str, w)))
+                    for i, (d, w) in enumerate(zip(pool["depths"], pool["widths"]), 1)]
+            # the pool's series stays on the screen beside the final table
+            assert app.query_one("#final-panel").display
+            assert f"size {pool['size']}" in text(app, "#final-pool")
+            assert app.query_one("#final-pool-spark", Sparkline).data == [
+                e["mean_dist"] for e in logged if e["event"] == "pool"]
+            table = app.query_one("#final-table", DataTable)
+            assert [table.get_row_at(i)[0] for i in range(table.row_count)] == list(
+                results["rows"])
+            assert "finished" in text(app, "#status")
+
+        async def main():
+            async with app.run_test(size=size) as pilot:
+                await script(pilot)
+        asyncio.run(main())
+
+
+def test_all_with_the_ui_stops_on_q_twice_and_resumes_to_the_end(tmp_path, monkeypatch,
+                                                                   micro_data):
+    """`nas.py all --tui`: the trainer runs as a subprocess writing console.log, the UI owns
+    it; q twice stops it with a checkpoint, and --resume finishes the run."""
+    import nas
+    from typer.testing import CliRunner
+    monkeypatch.chdir(tmp_path)
+    args = ["all", "--preset", "smoke", "--name", "e2e", "--device", "cpu"]
+    monkeypatch.setattr(sys, "argv", ["nas.py", *args, "--tui"])
+    seen = {}
+
+    def drive_ui(run_dir, process):
+        app = NasApp(run_dir, process)
+
+        async def main():
+            async with app.run_test(size=(100, 30)) as pilot:
+                for _ in range(600):  # until training has begun
+                    if app.state.phase:
+                        break
+                    await pilot.pause(0.1)
+                seen["phase"] = app.state.phase_name
+                await pilot.press("q")
+                await pilot.press("q")
+                for _ in range(600):
+                    if app.return_code is not None:
+                        break
+                    await pilot.pause(0.1)
+        asyncio.run(main())
+        seen["code"] = process.wait(timeout=60)
+    monkeypatch.setattr(tui, "run_tui", drive_ui)
+    result = CliRunner().invoke(nas.app, args + ["--tui"])
+    assert result.exit_code == 0, result.output
+    run = tmp_path / "runs" / "e2e"
+    assert seen["phase"] and seen["code"] == 130  # stopped in training, on purpose
+    assert (run / "checkpoints" / "last.pt").exists()
+    assert "continue with --resume" in (run / "console.log").read_text()
+    ends = [json.loads(line) for line in (run / "events.jsonl").read_text().splitlines()
+            if '"event": "end"' in line]
+    assert ends[-1]["status"] == "interrupted"
+    done = subprocess.run([sys.executable, str(ROOT / "nas.py"), *args, "--resume"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert (run / "report.md").exists()
+    assert json.loads((run / "events.jsonl").read_text().splitlines()[-1])["status"] == "done"
