@@ -537,11 +537,6 @@ def report(name: str = NameOpt):
     print_summary(results, path)
 
 
-# `all` ends with a short search under the default budget (half the largest arch's FLOPs)
-ALL_SEARCH_POPULATION = 16
-ALL_SEARCH_GENERATIONS = 4
-
-
 @app.command(name="all")
 def all_(preset: str = PresetOpt,
          name: str = typer.Option(None, "--name", "-r", help="run name (default: preset and time)"),
@@ -577,7 +572,7 @@ def all_(preset: str = PresetOpt,
     log("rank", stage="final", step=0, **final, points=evaluate.scatter_points(accs, truth))
     try:
         results["search"] = search.run_search(st, data, run_dir, search.default_budget(),
-                                              ALL_SEARCH_POPULATION, ALL_SEARCH_GENERATIONS,
+                                              search.ALL_POPULATION, search.ALL_GENERATIONS,
                                               seed, log)
     except ValueError as e:
         die(str(e))

@@ -369,9 +369,29 @@ def run_search(st, data, run_dir: Path, budget: Budget,
     return summary
 
 
+# `nas.py all` ends with a short search under the default budget: 16 uniform archs, then 4
+# generations of 8 children
+ALL_POPULATION = 16
+ALL_GENERATIONS = 4
+
+
 def default_budget() -> Budget:
     """Half the FLOPs of the largest arch: the budget `nas.py all` searches under."""
     return Budget(flops=challenge_size(supernet.decode(supernet.MAX_CODE))[0] / 2)
+
+
+def best_distinct(scores: dict[str, float], top: int, shape: supernet.NetShape,
+                  admits=lambda arch: True) -> list[supernet.Arch]:
+    """The `top` archs of highest score that `admits` accepts, one per net: codes that build
+    the same net at `shape` (`supernet.physical_net`) count once, the best-scored of them."""
+    best: dict[tuple, supernet.Arch] = {}
+    for code in sorted(scores, key=lambda c: (-scores[c], c)):
+        arch = supernet.decode(code)
+        if admits(arch):
+            best.setdefault(supernet.physical_net(arch, shape), arch)
+        if len(best) == top:
+            break
+    return list(best.values())
 
 
 # ---------------------------------------------------------------- export

@@ -12,7 +12,7 @@ from conftest import MICRO, ROOT
 
 sys.path.insert(0, str(ROOT / "bench"))
 import ablation  # noqa: E402
-import search_gain  # noqa: E402
+import picks  # noqa: E402
 
 # One or two steps a phase: enough to tell a chained variant from a retrained one.
 QUICK = replace(MICRO, name="quick", epoch_scale=0.004, warmup_epochs=0.0625, gt_epochs=0.0625)
@@ -230,42 +230,65 @@ def test_report_is_remade_from_the_results_alone(dry_run, tmp_path):
     assert (run / "report.md").read_text() == report
 
 
-def test_search_gain_trains_the_searched_and_uniform_nets_into_the_store(dry_run, tmp_path):
-    import shutil
-    run = tmp_path / "runs" / dry_run.run.name
-    shutil.copytree(dry_run.run, run)
-    gain = subprocess.run([sys.executable, str(ROOT / "bench" / "search_gain.py"), "--name",
-                           run.name, "--runs", str(tmp_path / "runs"), "--top", "2",
-                           "--uniform", "2", "--out", str(tmp_path / "gain"),
-                           "--store", str(tmp_path / "store.json")],
-                          capture_output=True, text=True)
-    assert gain.returncode == 0, gain.stderr
-    made = json.loads((tmp_path / "gain" / "search-gain-smoke.json").read_text())
-    searched, drawn = made["archs"]["searched"], made["archs"]["uniform"]
-    assert len(searched) == len(drawn) == 2 and not set(searched) & set(drawn)
-    # every net went into the store, the file that is committed and survives the run folder
-    stored = json.loads((tmp_path / "store.json").read_text())["entries"]
-    assert {(e["arch"], e["seed"]) for e in stored} == {
-        (a, s) for a in searched + drawn for s in (0, 1)}
-    tops = made["supernet_top1"]["searched"]
-    assert tops == sorted(tops, reverse=True)
-    assert all(t is None or t <= tops[-1] for t in made["supernet_top1"]["uniform"])
-    lo, hi = made["difference"]["ci"]
-    assert lo <= made["difference"]["difference"] <= hi
-    assert 0 <= made["difference"]["welch_p"] <= 1
-    top1 = made["top1_means"]
-    assert all(0 < v < 1 for g in top1.values() for v in g)
-    assert made["top1_difference"]["difference"] == pytest.approx(
-        sum(top1["searched"]) / 2 - sum(top1["uniform"]) / 2)
+def test_picks_trains_every_way_and_remakes_its_table_from_the_committed_files(
+        tmp_path, monkeypatch, micro_data):
+    """bench/picks.py end to end on a few-step preset, 2 supernet seeds, 2 nets a pick; then
+    --table from the files it wrote alone, training nothing."""
+    import search
+    small = replace(QUICK, gt_n=10, gt_epochs=0.03, image_size=14)  # 14 px: a quarter the work
+    monkeypatch.setitem(presets.PRESETS, "quick", small)
+    monkeypatch.setattr(search, "ALL_POPULATION", 4)
+    monkeypatch.setattr(search, "ALL_GENERATIONS", 1)
+    store, out = tmp_path / "store.json", tmp_path / "results"
+    args = dict(preset="quick", seeds=2, top=2, device="cpu", data_dir=None,
+                runs=tmp_path / "runs", store=store, out=out)
+    picks.main(table_only=False, **args)
+    made = json.loads((out / "picks-quick.json").read_text())
+    assert set(made["picks"]) == {f"{w}-s{s}" for w in ("full", "spos", "flops", "params")
+                                  for s in (0, 1)} | {"uniform"}
+    budget = search.default_budget().flops
+    for key, pick in made["picks"].items():
+        archs = [supernet.decode(c) for c in pick["archs"]]
+        assert all(search.challenge_size(a)[0] <= budget for a in archs)
+        nets = {supernet.physical_net(a, small.shape) for a in archs}
+        assert len(nets) == len(archs)  # distinct nets
+        if key != "uniform":
+            assert len(archs) == 2
+    # the FLOPs pick is the largest the search met under the budget
+    flops = [supernet.size_of(supernet.decode(c), small.shape)[0]
+             for c in made["picks"]["flops-s0"]["archs"]]
+    assert flops == sorted(flops, reverse=True)
+    table = made["table"]
+    assert set(table["ways"]) == {"full", "spos", "flops", "params", "uniform"}
+    full = table["ways"]["full"]
+    assert full["ce"]["pooled"] == pytest.approx(sum(full["ce"]["per_seed"]) / 2)
+    c = table["comparisons"]["full - uniform"]["ce"]
+    assert c["units"] == [2, len(made["picks"]["uniform"]["archs"])]
+    assert c["difference"] == pytest.approx(
+        full["ce"]["pooled"] - table["ways"]["uniform"]["ce"]["pooled"])
+    assert c["ci"][0] <= c["difference"] <= c["ci"][1] and 0 <= c["welch_p"] <= 1
+    # every net of every way is stored with 2 seeds
+    entries = json.loads(store.read_text())["entries"]
+    stored = {(e["arch"], e["seed"]) for e in entries}
+    assert all((code, s) in stored for pick in made["picks"].values()
+               for code in pick["archs"] for s in (0, 1))
+    # --table: the same table from the committed files, nothing trained
+    before = store.read_text()
+    (out / "picks-quick.md").unlink()
+    picks.main(table_only=True, **{**args, "runs": tmp_path / "nowhere"})
+    again = json.loads((out / "picks-quick.json").read_text())
+    assert again["table"] == table and store.read_text() == before
+    assert not (tmp_path / "nowhere").exists()
+    assert "full - uniform" in (out / "picks-quick.md").read_text()
 
 
-def test_search_gain_takes_each_net_once_among_the_best():
+def test_the_best_distinct_nets_count_codes_of_one_net_once():
     shape = supernet.NetShape(image_size=14, in_channels=1, num_classes=10, width_mult=0.125,
                               divisor=2)
-    codes = {"1332312111110000122222000051110000000000002424640000": 0.9,
-             "1332311121110000122222000051110000000000002424640000": 0.8,  # the same net
-             "1233233333000000122222000043333300000000003353000000": 0.7,
-             "1222331323000000131300000051110000000000002424640000": 0.6}
-    log = type("Log", (), {"top1": codes})()
-    best = search_gain.best_searched(log, lambda a: True, 2, shape)
-    assert [supernet.encode(a) for a in best] == [list(codes)[0], list(codes)[2]]
+    import search
+    scores = {"1332312111110000122222000051110000000000002424640000": 0.9,
+              "1332311121110000122222000051110000000000002424640000": 0.8,  # the same net
+              "1233233333000000122222000043333300000000003353000000": 0.7,
+              "1222331323000000131300000051110000000000002424640000": 0.6}
+    best = search.best_distinct(scores, 2, shape)
+    assert [supernet.encode(a) for a in best] == [list(scores)[0], list(scores)[2]]

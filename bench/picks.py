@@ -1,0 +1,324 @@
+"""Does the supernet find better nets? Its search's picks against SPOS's, FLOPs' and chance.
+
+    python bench/picks.py --preset small             # what is missing, in order; resumable
+    python bench/picks.py --preset small --table     # the table from the committed files alone
+
+The `small` ground truth cannot judge a ranking of single nets (its seeds agree at Kendall
+0.095: BENCHMARKS.md), but a group of picked nets averages its seed noise away, and which nets
+a search picks is what a user of a supernet gets. Under `nas.py all`'s budget (half the
+largest arch's FLOPs), each way picks `--top` distinct nets (codes that build one net at the
+preset count once, `search.best_distinct`):
+
+- full: the full method's supernet (warm-up, APS, CPT, SSE34 with distillation), searched as
+  `nas.py all` searches (its top-1 with inherited weights as fitness), one per supernet seed;
+- spos: compute-matched SPOS's supernet, the same search code and seeds;
+- flops, params: the same search with each candidate's FLOPs (parameters) at the preset as its
+  fitness, search seed = supernet seed: the pick that costs no supernet;
+- uniform: the headline ground truth's archs (arch seed 0, whatever the supernet seed) inside
+  the budget, already trained.
+
+Steps, each resumable, each result written as it finishes:
+1. the supernets, `full` and `spos` at seeds 0..seeds-1, in runs/picks-<preset>/;
+2. their searches (search.jsonl in each run folder), and their Kendall against the headline
+   ground truth beside; every way's picks go into bench/results/picks-<preset>.json;
+3. every picked net trained stand-alone with the preset's recipe x 2 seeds, into the committed
+   bench/results/groundtruth.json (`--store`);
+4. the table, bench/results/picks-<preset>.{json,md}: per way, per seed and pooled, the mean
+   held-out cross-entropy and top-1 of its nets (each net the mean of its 2 seeds); the
+   differences, with a 95% two-level bootstrap interval (supernet seeds resampled, then nets
+   within a seed) and Welch's t-test on seed-level means (the nets of one seed share a
+   supernet and a search, so the seed is the unit; for uniform, each net is one); and what
+   the picked nets look like.
+"""
+
+import json
+import random
+import statistics
+import sys
+from datetime import date
+from pathlib import Path
+
+import numpy as np
+import scipy.stats
+import typer
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import ablation  # noqa: E402
+import evaluate  # noqa: E402
+import events  # noqa: E402
+import groundtruth  # noqa: E402
+import presets  # noqa: E402
+import report  # noqa: E402
+import search  # noqa: E402
+import supernet  # noqa: E402
+import trainer  # noqa: E402
+from data import DataError, load_data  # noqa: E402
+from train_stages import METHODS  # noqa: E402
+
+SEARCHED = ("full", "spos")   # ways that search a supernet of that method
+SIZES = {"flops": 0, "params": 1}  # ways that search by size_of's FLOPs or parameters
+WAYS = (*SEARCHED, *SIZES, "uniform")
+COMPARISONS = (("full", "uniform"), ("full", "flops"), ("full", "spos"), ("spos", "uniform"),
+               ("flops", "uniform"), ("params", "uniform"))
+
+
+# ---------------------------------------------------------------- 1, 2: supernets and searches
+
+def trained_supernet(method: str, seed: int, preset, data, folder: Path, log):
+    """The supernet of `method` at `seed`, trained in folder/<method>-s<seed> or taken from
+    there; a killed training goes on from its last checkpoint."""
+    st = trainer.new_state(preset, METHODS[method], seed, data.device)
+    run_dir = folder / f"{method}-s{seed}"
+    if trainer.last_checkpoint(run_dir).exists():
+        trainer.load_checkpoint(st, trainer.last_checkpoint(run_dir))
+    if st.phase_index < len(st.phases()):
+        trainer.train(st, data, run_dir, log, score=evaluate.make_scorer(preset, data))
+    return st, run_dir
+
+
+def search_picks(st, data, run_dir: Path, seed: int, top: int, log) -> dict:
+    """`nas.py all`'s search on a trained supernet, its `top` best distinct nets, and the
+    supernet's rank metrics on the headline ground truth's archs (for context)."""
+    budget = search.default_budget()
+    search.run_search(st, data, run_dir, budget, search.ALL_POPULATION, search.ALL_GENERATIONS,
+                      seed, log)
+    scores = search.SearchLog(run_dir / "search.jsonl", search.weights_key(st, data.device),
+                              evaluate.machine_name(data.device)).top1
+    admits = lambda a: search.challenge_size(a)[0] <= budget.flops  # noqa: E731
+    picks = search.best_distinct(scores, top, st.preset.shape, admits)
+    return {"archs": [supernet.encode(a) for a in picks],
+            "supernet_top1": [scores[supernet.encode(a)] for a in picks],
+            "evaluated": len(scores)}
+
+
+def size_picks(kind: str, seed: int, preset, top: int) -> dict:
+    """The same evolutionary search, each candidate scored by its FLOPs or parameters at the
+    preset: the largest nets the budget admits, found as the supernet's search finds its."""
+    budget = search.default_budget()
+    admits = lambda a: search.challenge_size(a)[0] <= budget.flops  # noqa: E731
+    fitness = lambda archs: {supernet.encode(a): supernet.size_of(a, preset.shape)[SIZES[kind]]  # noqa: E731
+                             for a in archs}
+    scores = search.evolve(fitness, admits, search.ALL_POPULATION, search.ALL_GENERATIONS, seed)
+    picks = search.best_distinct(scores, top, preset.shape, admits)
+    return {"archs": [supernet.encode(a) for a in picks], "evaluated": len(scores)}
+
+
+def headline_archs(preset) -> list[supernet.Arch]:
+    """The headline ground truth's archs (arch seed 0): the same for every supernet seed."""
+    return groundtruth.pick_archs(preset.gt_n, 0, preset)
+
+
+def uniform_picks(preset) -> dict:
+    budget = search.default_budget()
+    inside = [a for a in headline_archs(preset) if search.challenge_size(a)[0] <= budget.flops]
+    return {"archs": [supernet.encode(a) for a in inside]}
+
+
+def kendall_on_headline(st, data, gt: groundtruth.GroundTruth, preset) -> dict | None:
+    """The supernet's rank metrics against the headline ground truth, where it is stored."""
+    recipe = groundtruth.recipe_key(preset, data.device)
+    codes = [supernet.encode(a) for a in headline_archs(preset)]
+    values = {c: [gt.get(c, preset.dataset, recipe, s, preset.gt_reading) for s in (0, 1)]
+              for c in codes}
+    if any(v is None for vs in values.values() for v in vs):
+        return None
+    accs = evaluate.evaluate_run(st, data, [supernet.decode(c) for c in codes], lambda *a, **k: 0)
+    return report.rank_metrics([accs[c] for c in codes], [sum(values[c]) / 2 for c in codes])
+
+
+# ---------------------------------------------------------------- 4: the table
+
+def net_values(gt: groundtruth.GroundTruth, codes, preset, recipe: str, reading: str):
+    """Each net's `reading` (the raw value: "ce" or "acc"), the mean of its 2 seeds; None where
+    a seed is missing."""
+    out = []
+    for c in codes:
+        entries = [gt.entries.get(gt.key(c, preset.dataset, recipe, s)) for s in (0, 1)]
+        out.append(None if None in entries else sum(e[reading] for e in entries) / 2)
+    return out
+
+
+def units(way: str, groups: dict) -> list[list[float]]:
+    """The independent units of a way: its seeds' groups of nets; for uniform, each net."""
+    if way == "uniform":
+        return [[v] for v in groups["uniform"]]
+    return [groups[way][s] for s in sorted(groups[way])]
+
+
+def two_level_bootstrap(a: list[list[float]], b: list[list[float]], n: int, seed: int = 0):
+    """Percentile 95% interval of mean(a) - mean(b), each side resampling its units and then
+    the nets within each unit."""
+    rng = np.random.default_rng(seed)
+
+    def resample(groups):
+        chosen = [groups[i] for i in rng.integers(len(groups), size=len(groups))]
+        return np.mean([v for g in chosen for v in rng.choice(g, size=len(g))])
+    diffs = [resample(a) - resample(b) for _ in range(n)]
+    return [float(v) for v in np.percentile(diffs, [2.5, 97.5])]
+
+
+def compare(a: list[list[float]], b: list[list[float]]) -> dict:
+    """mean(a) - mean(b) over their nets, the two-level bootstrap interval, and Welch's t-test
+    on the units' means (two-sided)."""
+    mean = lambda units: float(np.mean([v for u in units for v in u]))  # noqa: E731
+    welch = scipy.stats.ttest_ind([np.mean(u) for u in a], [np.mean(u) for u in b],
+                                  equal_var=False)
+    return {"difference": mean(a) - mean(b), "ci": two_level_bootstrap(a, b, report.N_BOOT),
+            "welch_p": float(welch.pvalue), "units": [len(a), len(b)]}
+
+
+def looks(codes, preset) -> dict:
+    """What a group of nets looks like: mean MFLOPs at the preset, challenge GFLOPs, depth and
+    mean width % per stage."""
+    archs = [supernet.decode(c) for c in codes]
+    return {"mflops": statistics.mean(supernet.size_of(a, preset.shape)[0] for a in archs) / 1e6,
+            "challenge_gflops": statistics.mean(search.challenge_size(a)[0]
+                                                for a in archs) / 1e9,
+            "depths": [round(statistics.mean(a.depths[s] for a in archs), 2) for s in range(4)],
+            "widths": [round(statistics.mean(supernet.stage_widths(a)[s] for a in archs), 1)
+                       for s in range(4)]}
+
+
+def table(state: dict, gt: groundtruth.GroundTruth, preset, recipe: str) -> dict:
+    """Every figure of the table from the picks and the stored nets; {"missing": n} while nets
+    are untrained."""
+    picks = state["picks"]
+    groups = {"ce": {}, "acc": {}}
+    missing = 0
+    for key, pick in picks.items():
+        way, _, seed = key.partition("-s")
+        for reading in groups:
+            values = net_values(gt, pick["archs"], preset, recipe, reading)
+            missing += reading == "ce" and values.count(None)
+            if way == "uniform":
+                groups[reading]["uniform"] = values
+            else:
+                groups[reading].setdefault(way, {})[int(seed)] = values
+    if missing:
+        return {"missing": missing}
+    ways = [w for w in WAYS if w in groups["ce"]]
+    out = {"ways": {}, "comparisons": {}}
+    for way in ways:
+        codes = ([c for k, p in picks.items() if k.startswith(f"{way}-") for c in p["archs"]]
+                 if way != "uniform" else picks["uniform"]["archs"])
+        row = {"nets": len(codes), "looks": looks(codes, preset)}
+        for reading in groups:
+            u = units(way, groups[reading])
+            row[reading] = {"pooled": float(np.mean([v for g in u for v in g])),
+                            "per_seed": ([float(np.mean(g)) for g in u] if way != "uniform"
+                                         else None)}
+        out["ways"][way] = row
+    for a, b in COMPARISONS:
+        if a in ways and b in ways:
+            out["comparisons"][f"{a} - {b}"] = {
+                reading: compare(units(a, groups[reading]), units(b, groups[reading]))
+                for reading in groups}
+    return out
+
+
+def markdown(result: dict, preset) -> str:
+    t = result["table"]
+    if "missing" in t:
+        return f"{t['missing']} picked nets are not trained yet: no table."
+    lines = [f"Picks under {result['budget']}, preset {preset.name}, {result['seeds']} supernet "
+             f"seeds, {result['top']} distinct nets a pick; each net the mean of 2 stand-alone "
+             "seeds. Held-out cross-entropy: lower is better.", "",
+             "| way | nets | cross-entropy, pooled | per seed | top-1, pooled | per seed | "
+             "MFLOPs | depths | width % |", "|---|---|---|---|---|---|---|---|---|"]
+    for way, r in t["ways"].items():
+        seeds = lambda k: (" / ".join(f"{v:.4f}" for v in r[k]["per_seed"])  # noqa: E731
+                           if r[k]["per_seed"] else "")
+        look = r["looks"]
+        lines.append(f"| {way} | {r['nets']} | {r['ce']['pooled']:.4f} | {seeds('ce')} | "
+                     f"{r['acc']['pooled']:.4f} | {seeds('acc')} | {look['mflops']:.2f} | "
+                     f"{' '.join(f'{d:g}' for d in look['depths'])} | "
+                     f"{' '.join(f'{w:g}' for w in look['widths'])} |")
+    lines += ["", "| difference | cross-entropy [95% interval], Welch p | top-1 [95% interval], "
+                  "Welch p | units |", "|---|---|---|---|"]
+    for name, c in t["comparisons"].items():
+        cells = [f"{c[k]['difference']:+.4f} [{c[k]['ci'][0]:+.4f}, {c[k]['ci'][1]:+.4f}], "
+                 f"p {c[k]['welch_p']:.3f}" for k in ("ce", "acc")]
+        lines.append(f"| {name} | {cells[0]} | {cells[1]} | {c['ce']['units'][0]} vs "
+                     f"{c['ce']['units'][1]} |")
+    context = {k: v.get("kendall") for k, v in result["picks"].items() if v.get("kendall")}
+    if context:
+        lines += ["", "Each supernet's Kendall against the headline ground truth (n = "
+                      f"{preset.gt_n}, for context): " + ", ".join(
+                          f"{k} {v['kendall']:.3f}" for k, v in context.items()) + "."]
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------- the steps in order
+
+def main(preset: str = typer.Option("small", help="a preset with a stored headline ground "
+                                                  "truth (small)"),
+         seeds: int = typer.Option(3, min=2, help="supernet (and search) seeds"),
+         top: int = typer.Option(4, min=2, help="distinct nets a way picks"),
+         table_only: bool = typer.Option(False, "--table", help="the table from the committed "
+                                                                "files alone: nothing trained"),
+         device: str = "cpu", data_dir: Path = typer.Option(None),
+         runs: Path = typer.Option(ROOT / "runs"),
+         store: Path = typer.Option(groundtruth.SHARED_GROUND_TRUTH,
+                                    help="the ground-truth file each net is written into"),
+         out: Path = typer.Option(ROOT / "bench" / "results")):
+    if preset not in presets.PRESETS:
+        raise typer.BadParameter(f"unknown preset {preset!r}")
+    p = presets.PRESETS[preset]
+    path = out / f"picks-{p.name}.json"
+    state = json.loads(path.read_text()) if path.exists() else {"picks": {}}
+    state.update(preset=p.name, seeds=seeds, top=top, budget=search.default_budget().describe())
+    out.mkdir(parents=True, exist_ok=True)
+
+    def save():
+        presets.write_json_atomic(path, state)
+
+    presets.set_threads(p)
+    gt = groundtruth.GroundTruth(store)
+    if not table_only:
+        try:
+            device = presets.pick_device(device)
+            data = load_data(p, device, data_dir)
+        except (ValueError, DataError) as e:
+            raise typer.BadParameter(str(e))
+        folder = runs / f"picks-{p.name}"
+        folder.mkdir(parents=True, exist_ok=True)
+        log = ablation.echo(events.EventLog(folder / "events.jsonl"))
+        for method in SEARCHED:
+            for seed in range(seeds):
+                key = f"{method}-s{seed}"
+                if key in state["picks"]:
+                    continue
+                st, run_dir = trained_supernet(method, seed, p, data, folder, log)
+                pick = search_picks(st, data, run_dir, seed, top, log)
+                pick["kendall"] = kendall_on_headline(st, data, gt, p)
+                state["picks"][key] = pick
+                save()
+                typer.echo(f"{key}: picks {pick['archs']}")
+        for kind in SIZES:
+            for seed in range(seeds):
+                state["picks"].setdefault(f"{kind}-s{seed}", size_picks(kind, seed, p, top))
+        state["picks"]["uniform"] = uniform_picks(p)
+        save()
+        # every picked net, stand-alone x 2 seeds, seed by seed across the ways
+        order = [key for seed in range(seeds) for key in (f"{w}-s{seed}" for w in (*SEARCHED,
+                                                                                    *SIZES))]
+        archs = list(dict.fromkeys(supernet.decode(c) for key in order + ["uniform"]
+                                   for c in state["picks"][key]["archs"]))
+        groundtruth.ground_truth(gt, archs, 2, p, data, log)
+        recipe = groundtruth.recipe_key(p, data.device)
+    else:
+        recipe = state.get("recipe") or groundtruth.recipe_key(p, "cpu")
+    state["recipe"] = recipe
+    state["date"] = date.today().isoformat()
+    state["table"] = table(state, gt, p, recipe)
+    save()
+    md = markdown(state, p)
+    (out / f"picks-{p.name}.md").write_text(md + "\n")
+    typer.echo(md)
+    typer.echo(f"wrote {path} and {path.with_suffix('.md')}")
+
+
+if __name__ == "__main__":
+    typer.run(main)
