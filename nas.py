@@ -3,6 +3,7 @@
     python nas.py all [--preset tiny|small|cifar|fashion|paper] [--tui]   the whole pipeline
     python nas.py train | groundtruth | evaluate | report                  its steps, on a run
     python nas.py search --name NAME --flops 2.5G | export --name NAME CODE --out net.pt
+    python nas.py import-weights resnet48.pdparams --out DIR               the challenge's net
     python nas.py tui --name NAME                                          watch a run
     python nas.py arch CODE / sample --archs-n N                           the search space
 
@@ -683,8 +684,10 @@ def export(name: str = NameOpt, code: str = typer.Argument(..., help="the arch t
 def import_weights(file: Path = typer.Argument(..., help="the challenge's resnet48.pdparams, or a "
                                                          "PyTorch state dict of the largest net"),
                    out: Path = typer.Option(..., help="folder for net.pt and net.pt2")):
-    """Convert the largest net as `export` writes a subnet: net.pt (StaticNet's state) and
-    net.pt2 (a torch.export program on [0, 1] images), at the paper preset's shape."""
+    """Write the challenge's pretrained ResNet-48 as `export` writes a subnet (net.pt, net.pt2).
+
+    net.pt holds StaticNet's state of the largest arch at the paper preset's shape; net.pt2 is
+    a torch.export program on [0, 1] images that needs nothing of this repository."""
     preset = presets.PRESETS["paper"]
     if (out / "net.pt").exists() or (out / "net.pt2").exists():
         die(f"{out} already holds net.pt or net.pt2; choose another --out")

@@ -253,9 +253,10 @@ class ConstraintPool:
     the pool with random candidates as OPPO's code does (`refills_pool`); a pool that is not
     full (never, in the stages) takes the most novel recent arch instead.
 
-    Where OPPO's code differs, and why we keep ours: its distance leaves out the last stage-4
-    code and divides by 47 (a constant: the order is the same); its recent list may offer an
-    arch that is a member already (a duplicate member, which ours never makes).
+    Where OPPO's code differs, we keep the paper's: its distance leaves out the last stage-4
+    code (Eq. 2 counts every code) and divides by 47 (a constant, which changes no
+    comparison); its recent list may offer an arch that is already a member, ours only the
+    others (a refill, drawn with replacement, can hold one arch twice in both).
     """
 
     def __init__(self, size: int = CPT_POOL[0], recent: int = CPT_POOL[1], k: int = CPT_POOL[2]):

@@ -15,8 +15,6 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent
-
 import torch
 
 import parallel
@@ -27,6 +25,8 @@ from presets import (Preset, TrainingError, channels_last, config_diff, lr_at,
                      preset_from_config, replace_atomically, run_config)
 from train_stages import (RUNNABLE, SPLITS, ConstraintPool, Phase, SubSupernets,
                           check_candidates, check_stages, phase_length, stage_phases)
+
+ROOT = Path(__file__).resolve().parent  # a preset's candidate file is relative to it
 
 
 class Stopped(Exception):

@@ -70,6 +70,8 @@ def test_the_path_under_test_is_bf16_and_channels_last(device, images):
 
 @pytest.mark.parametrize("stages", RUNS, ids=["supervised+sse34", "sse4", "pinas"])
 def test_one_step_of_every_stage(device, images, stages):
+    if device == "cpu":  # SPOS's and PS's step is APS's (sampled_step): emulated bf16 is slow
+        stages = tuple(s for s in stages if s not in ("spos", "ps_depth", "ps_width"))
     log = events.EventLog(None)
     st = trainer.train(trainer.new_state(ONE_STEP, stages, 0, device), images, None, log,
                        None, evaluate.make_scorer(ONE_STEP, images))

@@ -402,7 +402,7 @@ def test_all_with_the_ui_stops_on_q_twice_and_resumes_to_the_end(tmp_path, monke
     import nas
     from typer.testing import CliRunner
     monkeypatch.chdir(tmp_path)
-    args = ["all", "--preset", "smoke", "--name", "e2e", "--device", "cpu"]
+    args = ["all", "--preset", "smoke", "--name", "e2e", "--device", "cpu", "--method", "spos"]
     monkeypatch.setattr(sys, "argv", ["nas.py", *args, "--tui"])
     seen = {}
 
