@@ -35,6 +35,7 @@ import json
 import random
 import statistics
 import sys
+import time
 from datetime import date
 from pathlib import Path
 
@@ -290,9 +291,14 @@ def main(preset: str = typer.Option("small", help="a preset with a stored headli
                 key = f"{method}-s{seed}"
                 if key in state["picks"]:
                     continue
+                started = time.perf_counter()
                 st, run_dir = trained_supernet(method, seed, p, data, folder, log)
+                trained = time.perf_counter()
                 pick = search_picks(st, data, run_dir, seed, top, log)
                 pick["kendall"] = kendall_on_headline(st, data, gt, p)
+                # wall seconds of this process (a job paused meanwhile counts its pause)
+                pick["seconds"] = {"training": trained - started,
+                                   "search": time.perf_counter() - trained}
                 state["picks"][key] = pick
                 save()
                 typer.echo(f"{key}: picks {pick['archs']}")
