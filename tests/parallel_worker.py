@@ -28,13 +28,10 @@ import supernet  # noqa: E402
 import trainer  # noqa: E402
 from conftest import MICRO  # noqa: E402
 
-# 14 px: what is checked here (ranks agreeing, resuming) does not depend on the size of the
-# images, and a quarter of the pixels saves most of this file's seconds in three launches
-AT_14_PX = replace(MICRO, name="micro-14px", image_size=14)
 
-STAGES = ("warmup", "aps_depth", "cpt", "sse34")
-KILL_AT = (4, 5)  # (phase index, step): CPT's sixth step, one after the checkpoint at step 4
-ARCHS = groundtruth.pick_archs(4, 3, AT_14_PX)
+STAGES = ("warmup", "cpt", "sse4")  # the pool, the split and KD (SSE4: SSE34's code, 2 phases)
+KILL_AT = (1, 5)  # (phase index, step): CPT's sixth step, one after the checkpoint at step 4
+ARCHS = groundtruth.pick_archs(4, 3, MICRO)
 
 
 def quiet(event, **fields):
@@ -60,7 +57,7 @@ def step_with_fixed_bn_statistics(images, warm: dict) -> dict:
     image, so 2 ranks' averaged gradients are 1 rank's, up to the order of float sums. One
     step, because training is chaotic: a 3e-8 difference after one step is 3e-3 after four.
     A small lr: BN without batch statistics lets a larger one blow up."""
-    st = trainer.new_state(AT_14_PX, ("ps_depth",), 0, "cpu")
+    st = trainer.new_state(MICRO, ("ps_depth",), 0, "cpu")
     st.net.load_state_dict(warm)
     evaluate.calibrate_bn(st.net, supernet.MAX_ARCH, images.calib_batches(2, 64, 0))
     phase = st.phases()[0]
@@ -74,7 +71,7 @@ def step_with_fixed_bn_statistics(images, warm: dict) -> dict:
 
 def pinas_state(images) -> dict:
     """Π-NAS's student, mean teacher and queue after its stage's first steps."""
-    st = trainer.new_state(replace(AT_14_PX, queue_size=64), ("pinas",), 0, "cpu")
+    st = trainer.new_state(replace(MICRO, queue_size=64), ("pinas",), 0, "cpu")
     phase, stage = st.phases()[0], stages.STAGES["pinas"]
     stage.begin(st, phase, quiet, None)
     st.optimizer = trainer.make_optimizer(stage.params(st), phase.lr, stage.weight_decay)
@@ -90,7 +87,7 @@ def pinas_state(images) -> dict:
 
 
 def warm_state(images, weights: Path | None, out: Path) -> trainer.TrainState:
-    st = trainer.new_state(AT_14_PX, ("warmup",), 0, "cpu")
+    st = trainer.new_state(MICRO, ("warmup",), 0, "cpu")
     if weights is None:
         trainer.train(st, images, None, quiet)
         torch.save(st.net.state_dict(), out / "warm.pt")
@@ -102,7 +99,7 @@ def warm_state(images, weights: Path | None, out: Path) -> trainer.TrainState:
 def main(out: Path, mode: str, weights: Path | None) -> None:
     torch.set_num_threads(1)
     parallel.start("cpu")
-    images = data.load_data(AT_14_PX, "cpu")
+    images = data.load_data(MICRO, "cpu")
     result = {"world_size": parallel.world_size()}
     if mode == "first":
         st = warm_state(images, weights, out)
@@ -111,15 +108,15 @@ def main(out: Path, mode: str, weights: Path | None) -> None:
         result["fixed_bn_step"] = step_with_fixed_bn_statistics(images, result["warm"])
         result["pinas"] = pinas_state(images)
         gt = groundtruth.GroundTruth(out / f"gt-{parallel.world_size()}.json")
-        result["truth"], _ = groundtruth.ground_truth(gt, ARCHS, 2, AT_14_PX, images, quiet)
+        result["truth"], _ = groundtruth.ground_truth(gt, ARCHS, 2, MICRO, images, quiet)
         torch.save(result, out / f"first-rank{parallel.rank()}.pt")
     result["archs"] = []
     record_archs(result["archs"], kill=mode == "first")
-    st = trainer.new_state(AT_14_PX, STAGES, 0, "cpu")
+    st = trainer.new_state(MICRO, STAGES, 0, "cpu")
     run = out / f"run-{parallel.world_size()}"
     if mode == "resume":
         trainer.load_checkpoint(st, trainer.last_checkpoint(run))
-    trainer.train(st, images, run, quiet, score=evaluate.make_scorer(AT_14_PX, images))
+    trainer.train(st, images, run, quiet, score=evaluate.make_scorer(MICRO, images))
     result["trained"] = st.net.state_dict()
     result["finished"] = st.phase_index == len(st.phases())
     torch.save(result, out / f"{mode}-rank{parallel.rank()}.pt")

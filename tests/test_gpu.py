@@ -23,13 +23,9 @@ import supernet
 import trainer
 from conftest import MICRO
 
-# 14 px, as the `gpu` preset: on a CPU without native bf16 (AVX2) the emulated path's bf16
-# convolutions are 13 times slower than fp32 ones, and a quarter of the pixels keeps this
-# file's cost within seconds there.
-AT_14_PX = replace(MICRO, name="micro-14px", image_size=14)
 # One step a phase: the warm-up and the paper's stages, Π-NAS and its head; sse4 apart (a run
 # takes one SSE split).
-ONE_STEP = replace(AT_14_PX, epoch_scale=0.001, warmup_epochs=0.01, queue_size=64, log_every=1,
+ONE_STEP = replace(MICRO, epoch_scale=0.001, warmup_epochs=0.01, queue_size=64, log_every=1,
                    probe_every=0)
 RUNS = [("warmup", "spos", "ps_depth", "ps_width", "aps_depth", "aps_width", "cpt", "sse34"),
         ("warmup", "cpt", "sse4"), ("pinas", "linear_head")]
@@ -51,7 +47,7 @@ def device(request, monkeypatch):
 @pytest.fixture
 def images(device):
     try:
-        return data.load_data(AT_14_PX, device, channels_last=presets.channels_last(device))
+        return data.load_data(MICRO, device, channels_last=presets.channels_last(device))
     except data.DataError as e:
         pytest.skip(str(e))
 
@@ -61,7 +57,7 @@ def test_the_path_under_test_is_bf16_and_channels_last(device, images):
                                          or torch.cuda.is_bf16_supported() else None)
     x, _ = images.train_batch(0, 0, 8)
     assert x.is_contiguous(memory_format=torch.channels_last)
-    st = trainer.new_state(AT_14_PX, ("warmup",), 0, device)
+    st = trainer.new_state(MICRO, ("warmup",), 0, device)
     assert st.net.stem.weight.is_contiguous(memory_format=torch.channels_last)
     with presets.autocast(device):
         logits = st.net(x, supernet.MAX_ARCH)
@@ -81,7 +77,7 @@ def test_one_step_of_every_stage(device, images, stages):
 
 
 def test_the_supernet_equals_its_extracted_static_net(device, images):
-    st = trainer.new_state(AT_14_PX, ("warmup",), 0, device)
+    st = trainer.new_state(MICRO, ("warmup",), 0, device)
     calib = images.calib_batches(2, 64, seed=0)
     x, _ = images.eval_batches(64)[0]
     for seed in range(3):
@@ -101,11 +97,11 @@ def test_bn_recalibration_is_the_exact_mean_in_fp32(device, images, monkeypatch)
         pytest.skip("on the CPU this is tests/test_evaluate.py's exact-mean test")
     monkeypatch.setattr(evaluate, "autocast", lambda d: nullcontext())  # fp32 throughout
     torch.manual_seed(0)
-    net = supernet.Supernet(AT_14_PX.shape).to(device)
+    net = supernet.Supernet(MICRO.shape).to(device)
     arch = supernet.sample_arch(random.Random(3))
     batches = images.calib_batches(3, 32, seed=0)
     evaluate.calibrate_bn(net, arch, batches)
-    c = AT_14_PX.shape.ch(supernet.STEM_BASE, arch.stem)
+    c = MICRO.shape.ch(supernet.STEM_BASE, arch.stem)
     outs = [F.conv2d(x, net.stem.weight[:c], padding=1) for x in batches]
     means = torch.stack([o.mean((0, 2, 3)) for o in outs]).mean(0)
     varis = torch.stack([o.transpose(0, 1).flatten(1).var(1) for o in outs]).mean(0)
@@ -123,7 +119,7 @@ def test_export_of_a_subnet_trained_on_this_device(device, images, tmp_path):
     net = search.inherited_subnet(st, arch, calib)
     with torch.no_grad():
         expected = net(images.eval_batches(4)[0][0]).float().cpu()
-    _, program = search.save_export(tmp_path / "net.pt", net, AT_14_PX, images.mean, images.std)
+    _, program = search.save_export(tmp_path / "net.pt", net, MICRO, images.mean, images.std)
     x = images.test_x[:4].float().div(255).cpu()
     logits = torch.export.load(program).module()(x)
     torch.testing.assert_close(logits, expected, **BF16_LOGITS)

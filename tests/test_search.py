@@ -125,7 +125,8 @@ def test_exported_program_gives_the_supernets_logits_without_the_project(trained
     net = search.inherited_subnet(st, arch, calib)
     out, program = search.save_export(tmp_path / "net.pt", net, MICRO, micro_data.mean,
                                       micro_data.std)
-    images = torch.rand(5, 1, 28, 28)
+    size = MICRO.image_size
+    images = torch.rand(5, 1, size, size)
     torch.save(images, tmp_path / "x.pt")
     # the supernet itself, with the owner's weights and this arch's recalibrated BN statistics
     with st.sse.holding(st.net, st.sse.owner(arch)), torch.no_grad():
@@ -139,7 +140,7 @@ def test_exported_program_gives_the_supernets_logits_without_the_project(trained
     subprocess.run([sys.executable, "-I", "-c", code], cwd=tmp_path, check=True)
     logits = torch.load(tmp_path / "y.pt")
     torch.testing.assert_close(logits, expected, rtol=1e-4, atol=1e-4)
-    assert search.load_export(out)(torch.zeros(1, 1, 28, 28)).shape == (1, 10)
+    assert search.load_export(out)(torch.zeros(1, 1, size, size)).shape == (1, 10)
 
 
 def test_latency_is_measured_once_per_arch_and_kept(trained, micro_data, tmp_path):
