@@ -1,6 +1,6 @@
 """The statistics and the report: rank metrics with bootstrap intervals, paired differences,
-the noise ceiling of a 2-seed ground truth, the challenge's file format, report.md and its
-scatter picture.
+the noise ceiling of a 2-seed ground truth, a challenge file written back with `acc` filled in
+(a submission; supernet.read_challenge reads one), report.md and its scatter picture.
 
 Every correlation comes from scipy.stats (Pearson, the paper's metric; Kendall tau, the
 challenge's; Spearman), every interval from scipy.stats.bootstrap, and every figure states n.
@@ -307,7 +307,7 @@ def ceiling_metrics(seed_vs_seed: dict) -> dict:
     return out
 
 
-# ---------------------------------------------------------------- the challenge's file format
+# ---------------------------------------------------------------- a submission
 
 def write_challenge(path: Path, codes: dict[str, str], accs: dict[str, float]) -> None:
     """The same format with `acc` filled in: a submission."""
