@@ -262,9 +262,14 @@ def test_the_loss_sums_both_paths_and_the_queue_takes_the_mean_key(micro_data, m
     assert pushed[0].norm(dim=1).max() < 1 - 1e-3  # two unit vectors' mean is shorter
 
 
-def test_pinas_trains_with_its_papers_optimizer():
-    st = trainer.new_state(PINAS, ("pinas",), 0, "cpu")
-    phase = st.phases()[0]
-    assert phase.lr == pytest.approx(stages.PINAS_LR * PINAS.batch_size / 192)
-    assert stages.STAGES["pinas"].weight_decay == 1e-4
-    assert stages.STAGES["cpt"].weight_decay == 3e-5
+def test_the_trainer_gives_pinas_its_codes_optimizer_and_the_head_the_papers(monkeypatch,
+                                                                             micro_data):
+    """SGD at lr 0.03 per 192 images with weight decay 1e-4 for Π-NAS (its code's), the
+    supervised stages' 3e-5 for the linear head after it."""
+    made, real = [], trainer.make_optimizer
+    monkeypatch.setattr(trainer, "make_optimizer",
+                        lambda params, lr, wd=3e-5: made.append((lr, wd)) or real(params, lr, wd))
+    trainer.train(trainer.new_state(PINAS, ("pinas", "linear_head"), 0, "cpu"), micro_data, None,
+                  events.EventLog(None))
+    assert made == [(pytest.approx(0.03 * PINAS.batch_size / 192), 1e-4),
+                    (stages.LINEAR_HEAD_LR, 3e-5)]
