@@ -324,7 +324,10 @@ def refills_pool(step: int, steps: int, paper_epochs: float) -> bool:
     long: at the step each of OPPO's refill points (POOL_REFILLS) falls in, scaled like every
     other length. Our reading where a paper epoch is a few steps: points that fall in one step
     refill it once; where a paper epoch is under a step (`tiny`: 0.6), every step refills, so
-    the pool is a fresh random draw each step that NSAS's rule then acts on once."""
+    the pool is a fresh random draw each step that NSAS's rule then acts on once. A phase of
+    unknown length (0 steps or epochs: a step run by hand) refills at its first step only."""
+    if steps <= 0 or paper_epochs <= 0:
+        return step == 0
     per_epoch = steps / paper_epochs
     first, last = math.floor(step / per_epoch) - 1, math.floor((step + 1) / per_epoch) + 1
     return any(math.floor((e + f) * per_epoch + 1e-9) == step

@@ -394,6 +394,8 @@ def test_pools_are_refilled_where_oppos_code_refills_them_scaled_to_the_phase():
     assert len(small) == 60 and small[:4] == [0, 7, 9, 16]
     # under a step a paper epoch (`tiny`): every step
     assert all(stages.refills_pool(s, 19, 30) for s in range(19))
+    # a step run outside a phase of known length: the first only
+    assert [stages.refills_pool(s, 0, 0) for s in range(3)] == [True, False, False]
 
 
 def test_cpt_and_sse_walk_the_candidate_list_and_refill_their_pools_from_it():
