@@ -12,6 +12,7 @@ from conftest import MICRO, ROOT
 
 sys.path.insert(0, str(ROOT / "bench"))
 import ablation  # noqa: E402
+import ablation_compare  # noqa: E402
 import picks  # noqa: E402
 
 # One or two steps a phase: enough to tell a chained variant from a retrained one.
@@ -181,6 +182,38 @@ def test_ablation_steps_follow_the_papers_order_and_skip_variants_not_run():
     md = ablation.differences_table({}, steps)
     assert "ablation order, step by step" in md and "| APS_v3 - PS | 2.000" in md
     assert ablation.differences_table({}, {}) == ""
+
+
+def test_ablation_compare_matches_variants_arch_by_arch_and_refuses_another_truth(tmp_path):
+    truth = {f"a{i}": float(i) for i in range(10)}
+
+    def run(rows):
+        return {"date": "d", "preset": "quick", "ground_truth": truth,
+                "rows": [{"variant": "FLOPs", "metrics": {"kendall": 0.0}}]
+                + [{"variant": v, "accs": dict(zip(truth, accs)), "metrics": {"kendall": 0.0}}
+                   for v, accs in rows.items()]}
+    perfect, reversed_ = [float(i) for i in range(10)], [float(-i) for i in range(10)]
+    before = run({"PS": perfect, "CPT": reversed_, "gone": perfect})
+    after = run({"CPT": perfect, "PS": perfect, "new": reversed_})
+    d = ablation_compare.compare(before, after)
+    # only the variants both runs evaluated, in the later run's order; FLOPs has no accs
+    assert list(d) == ["CPT", "PS"]
+    assert d["CPT"]["kendall"] == pytest.approx(2.0) and not d["CPT"]["same"]
+    assert d["PS"]["kendall"] == pytest.approx(0.0) and d["PS"]["same"]
+    assert ablation_compare.compare(after, before)["CPT"]["kendall"] == pytest.approx(-2.0)
+    with pytest.raises(ValueError, match="different ground truths"):
+        ablation_compare.compare(before, {**after, "ground_truth": {"a0": 1.0}})
+    files = []
+    for name, data in (("before", before), ("after", after)):
+        files.append(tmp_path / f"{name}.json")
+        files[-1].write_text(json.dumps(data))
+    ablation_compare.main(*files, out=tmp_path / "diff")
+    md = (tmp_path / "diff.md").read_text()
+    assert "| CPT |" in md and "| PS |" in md and "| yes |" in md
+    assert json.loads((tmp_path / "diff.json").read_text())["differences"]["PS"]["same"]
+    files[0].write_text("{}")
+    with pytest.raises(Exception, match="is not an ablation result"):
+        ablation_compare.main(*files, out=None)
 
 
 GPU_CHECK_FILES = {"summary.txt", "tiny-results.json", "speed-gpu.json", "speed-cifar.json",
