@@ -41,13 +41,13 @@ def compare(before: dict, after: dict) -> dict:
 
 
 def table(before: dict, after: dict, differences: dict) -> str:
-    kendall = {run: {r["variant"]: r["metrics"] for r in data["rows"]}
+    metrics = {run: {r["variant"]: r["metrics"] for r in data["rows"]}
                for run, data in (("before", before), ("after", after))}
     lines = ["| variant | kendall, before | kendall, after | after - before: kendall | pearson "
              "| spearman | same predictions |", "|---|---|---|---|---|---|---|"]
     for v, d in differences.items():
-        cells = [report.format_metric(kendall["before"][v], "kendall"),
-                 report.format_metric(kendall["after"][v], "kendall")]
+        cells = [report.format_metric(metrics["before"][v], "kendall"),
+                 report.format_metric(metrics["after"][v], "kendall")]
         cells += [report.format_metric(d, k) for k in ("kendall", "pearson", "spearman")]
         cells.append("yes" if d["same"] else "no")
         lines.append(f"| {v} | " + " | ".join(cells) + " |")
