@@ -34,6 +34,7 @@ Steps, each resumable, each result written as it finishes:
 import json
 import random
 import statistics
+import subprocess
 import sys
 import time
 from datetime import date
@@ -104,6 +105,16 @@ def size_picks(kind: str, seed: int, preset, top: int) -> dict:
     scores = search.evolve(fitness, admits, search.ALL_POPULATION, search.ALL_GENERATIONS, seed)
     picks = search.best_distinct(scores, top, preset.shape, admits)
     return {"archs": [supernet.encode(a) for a in picks], "evaluated": len(scores)}
+
+
+def code_commit() -> str:
+    """The commit the code runs at, "+" after it where tracked files outside bench/results
+    differ from it (the results this script writes itself do not count)."""
+    git = lambda *a: subprocess.run(["git", "-C", str(ROOT), *a],  # noqa: E731
+                                    capture_output=True, text=True).stdout.strip()
+    head = git("rev-parse", "--short", "HEAD")
+    dirty = git("status", "--porcelain", "--untracked-files=no", "--", ".", ":!bench/results")
+    return (head + "+" * bool(dirty)) if head else "unknown"
 
 
 def headline_archs(preset) -> list[supernet.Arch]:
@@ -292,10 +303,12 @@ def main(preset: str = typer.Option("small", help="a preset with a stored headli
                 if key in state["picks"]:
                     continue
                 started = time.perf_counter()
+                commit = code_commit()
                 st, run_dir = trained_supernet(method, seed, p, data, folder, log)
                 trained = time.perf_counter()
                 pick = search_picks(st, data, run_dir, seed, top, log)
                 pick["kendall"] = kendall_on_headline(st, data, gt, p)
+                pick["commit"] = commit
                 # wall seconds of this process (a job paused meanwhile counts its pause)
                 pick["seconds"] = {"training": trained - started,
                                    "search": time.perf_counter() - trained}

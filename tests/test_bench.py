@@ -290,6 +290,8 @@ def test_picks_trains_every_way_and_remakes_its_table_from_the_committed_files(
         assert len(nets) == len(archs)  # distinct nets
         if key != "uniform":
             assert len(archs) == 2
+        if key.startswith(("full", "spos")):  # each supernet says which code trained it
+            assert pick["commit"] == picks.code_commit()
     # the FLOPs pick is the largest the search met under the budget
     flops = [supernet.size_of(supernet.decode(c), small.shape)[0]
              for c in made["picks"]["flops-s0"]["archs"]]
