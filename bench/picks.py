@@ -297,13 +297,13 @@ def main(preset: str = typer.Option("small", help="a preset with a stored headli
         folder = runs / f"picks-{p.name}"
         folder.mkdir(parents=True, exist_ok=True)
         log = ablation.echo(events.EventLog(folder / "events.jsonl"))
+        commit = code_commit()  # at the start: the code this process loaded
         for method in SEARCHED:
             for seed in range(seeds):
                 key = f"{method}-s{seed}"
                 if key in state["picks"]:
                     continue
                 started = time.perf_counter()
-                commit = code_commit()
                 st, run_dir = trained_supernet(method, seed, p, data, folder, log)
                 trained = time.perf_counter()
                 pick = search_picks(st, data, run_dir, seed, top, log)
