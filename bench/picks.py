@@ -194,22 +194,23 @@ def looks(codes, preset) -> dict:
 
 
 def table(state: dict, gt: groundtruth.GroundTruth, preset, recipe: str) -> dict:
-    """Every figure of the table from the picks and the stored nets; {"missing": n} while nets
-    are untrained."""
+    """Every figure of the table from the picks and the stored nets; while nets are untrained,
+    {"missing": n, "trained": {pick: [trained, nets]}} instead."""
     picks = state["picks"]
     groups = {"ce": {}, "acc": {}}
-    missing = 0
+    missing, trained = 0, {}
     for key, pick in picks.items():
         way, _, seed = key.partition("-s")
         for reading in groups:
             values = net_values(gt, pick["archs"], preset, recipe, reading)
             missing += reading == "ce" and values.count(None)
+            trained[key] = [len(values) - values.count(None), len(values)]
             if way == "uniform":
                 groups[reading]["uniform"] = values
             else:
                 groups[reading].setdefault(way, {})[int(seed)] = values
     if missing:
-        return {"missing": missing}
+        return {"missing": missing, "trained": trained}
     ways = [w for w in WAYS if w in groups["ce"]]
     out = {"ways": {}, "comparisons": {}}
     for way in ways:
@@ -233,7 +234,8 @@ def table(state: dict, gt: groundtruth.GroundTruth, preset, recipe: str) -> dict
 def markdown(result: dict, preset) -> str:
     t = result["table"]
     if "missing" in t:
-        return f"{t['missing']} picked nets are not trained yet: no table."
+        return (f"{t['missing']} picked nets are not trained yet: no table. Trained so far: "
+                + ", ".join(f"{k} {n}/{of}" for k, (n, of) in t["trained"].items()) + ".")
     lines = [f"Picks under {result['budget']}, preset {preset.name}, {result['seeds']} supernet "
              f"seeds, {result['top']} distinct nets a pick; each net the mean of 2 stand-alone "
              "seeds. Held-out cross-entropy: lower is better.", "",

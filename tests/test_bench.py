@@ -318,6 +318,19 @@ def test_picks_trains_every_way_and_remakes_its_table_from_the_committed_files(
     assert again["table"] == table and store.read_text() == before
     assert not (tmp_path / "nowhere").exists()
     assert "full - uniform" in (out / "picks-quick.md").read_text()
+    # a net not yet trained: no table, but how far every pick has got
+    gone = made["picks"]["full-s1"]["archs"][0]
+    data = json.loads(before)
+    data["entries"] = [e for e in data["entries"] if e["arch"] != gone]
+    partial_store, partial_out = tmp_path / "partial.json", tmp_path / "partial"
+    partial_store.write_text(json.dumps(data))
+    partial_out.mkdir()
+    (partial_out / "picks-quick.json").write_text((out / "picks-quick.json").read_text())
+    picks.main(table_only=True, **{**args, "store": partial_store, "out": partial_out})
+    partial = json.loads((partial_out / "picks-quick.json").read_text())["table"]
+    assert partial["missing"] == sum(p["archs"].count(gone) for p in made["picks"].values()) > 0
+    assert partial["trained"]["full-s1"] == [1, 2]
+    assert "full-s1 1/2" in (partial_out / "picks-quick.md").read_text()
 
 
 def test_the_best_distinct_nets_count_codes_of_one_net_once():
