@@ -2,6 +2,7 @@
 
     python bench/picks.py --preset small             # what is missing, in order; resumable
     python bench/picks.py --preset small --table     # the table from the committed files alone
+                                                     # (until every net is in: how far they are)
 
 The `small` ground truth cannot judge a ranking of single nets (its seeds agree at Kendall
 0.095: BENCHMARKS.md), but a group of picked nets averages its seed noise away, and which nets
