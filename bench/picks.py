@@ -199,17 +199,17 @@ def table(state: dict, gt: groundtruth.GroundTruth, preset, recipe: str) -> dict
     {"missing": n, "trained": {pick: [trained, nets]}} instead."""
     picks = state["picks"]
     groups = {"ce": {}, "acc": {}}
-    missing, trained = 0, {}
+    trained = {}
     for key, pick in picks.items():
         way, _, seed = key.partition("-s")
         for reading in groups:
             values = net_values(gt, pick["archs"], preset, recipe, reading)
-            missing += reading == "ce" and values.count(None)
             trained[key] = [len(values) - values.count(None), len(values)]
             if way == "uniform":
                 groups[reading]["uniform"] = values
             else:
                 groups[reading].setdefault(way, {})[int(seed)] = values
+    missing = sum(nets - n for n, nets in trained.values())
     if missing:
         return {"missing": missing, "trained": trained}
     ways = [w for w in WAYS if w in groups["ce"]]
