@@ -232,6 +232,28 @@ def table(state: dict, gt: groundtruth.GroundTruth, preset, recipe: str) -> dict
     return out
 
 
+WAY_NAMES = {"full": "the full method's search", "spos": "SPOS's search",
+             "flops": "FLOPs as fitness", "params": "parameters as fitness",
+             "uniform": "uniform draws"}
+
+
+def plain_sentence(name: str, c: dict) -> str:
+    """One comparison in words: which way's nets are better by held-out cross-entropy (lower is
+    better), whether its 95% interval excludes 0, and top-1 beside it."""
+    a, b = (WAY_NAMES[w] for w in name.split(" - "))
+    ce, acc = c["ce"], c["acc"]
+    lo, hi = ce["ci"]
+    numbers = (f"cross-entropy {ce['difference']:+.4f} [{lo:+.4f}, {hi:+.4f}], Welch p "
+               f"{ce['welch_p']:.2f}; top-1 {acc['difference'] * 100:+.2f} points "
+               f"[{acc['ci'][0] * 100:+.2f}, {acc['ci'][1] * 100:+.2f}]")
+    if lo <= 0 <= hi:
+        sentence = f"{a} against {b}: no measurable difference ({numbers}; the interval holds 0)."
+    else:
+        better, worse = (a, b) if hi < 0 else (b, a)
+        sentence = f"{better} picks better nets than {worse} ({a} minus {b}: {numbers})."
+    return sentence[0].upper() + sentence[1:]
+
+
 def markdown(result: dict, preset) -> str:
     t = result["table"]
     if "missing" in t:
@@ -257,6 +279,7 @@ def markdown(result: dict, preset) -> str:
                  f"p {c[k]['welch_p']:.3f}" for k in ("ce", "acc")]
         lines.append(f"| {name} | {cells[0]} | {cells[1]} | {c['ce']['units'][0]} vs "
                      f"{c['ce']['units'][1]} |")
+    lines += [""] + [f"- {plain_sentence(name, c)}" for name, c in t["comparisons"].items()]
     context = {k: v.get("kendall") for k, v in result["picks"].items() if v.get("kendall")}
     if context:
         lines += ["", "Each supernet's Kendall against the headline ground truth (n = "

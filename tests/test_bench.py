@@ -317,7 +317,9 @@ def test_picks_trains_every_way_and_remakes_its_table_from_the_committed_files(
     again = json.loads((out / "picks-quick.json").read_text())
     assert again["table"] == table and store.read_text() == before
     assert not (tmp_path / "nowhere").exists()
-    assert "full - uniform" in (out / "picks-quick.md").read_text()
+    remade = (out / "picks-quick.md").read_text()
+    assert "full - uniform" in remade
+    assert picks.plain_sentence("full - uniform", table["comparisons"]["full - uniform"]) in remade
     # a net not yet trained: no table, but how far every pick has got
     gone = made["picks"]["full-s1"]["archs"][0]
     data = json.loads(before)
@@ -331,6 +333,19 @@ def test_picks_trains_every_way_and_remakes_its_table_from_the_committed_files(
     assert partial["missing"] == sum(p["archs"].count(gone) for p in made["picks"].values()) > 0
     assert partial["trained"]["full-s1"] == [1, 2]
     assert "full-s1 1/2" in (partial_out / "picks-quick.md").read_text()
+
+
+def test_each_comparison_of_picks_reads_as_a_sentence_that_follows_its_interval():
+    def comparison(difference, lo, hi):
+        side = {"difference": difference, "ci": [lo, hi], "welch_p": 0.04, "units": [3, 16]}
+        return {"ce": side, "acc": {**side, "difference": -difference, "ci": [-hi, -lo]}}
+    better = picks.plain_sentence("full - uniform", comparison(-0.004, -0.007, -0.001))
+    assert better.startswith("The full method's search picks better nets than uniform draws")
+    assert "-0.0040 [-0.0070, -0.0010]" in better and "+0.40 points [+0.10, +0.70]" in better
+    worse = picks.plain_sentence("full - flops", comparison(0.003, 0.001, 0.005))
+    assert worse.startswith("FLOPs as fitness picks better nets than the full method's search")
+    level = picks.plain_sentence("spos - uniform", comparison(-0.002, -0.005, 0.001))
+    assert "no measurable difference" in level and "better" not in level
 
 
 def test_the_best_distinct_nets_count_codes_of_one_net_once():
