@@ -101,8 +101,10 @@ def size_picks(kind: str, seed: int, preset, top: int) -> dict:
     preset: the largest nets the budget admits, found as the supernet's search finds its."""
     budget = search.default_budget()
     admits = lambda a: search.challenge_size(a)[0] <= budget.flops  # noqa: E731
-    fitness = lambda archs: {supernet.encode(a): supernet.size_of(a, preset.shape)[SIZES[kind]]  # noqa: E731
-                             for a in archs}
+
+    def fitness(archs):
+        return {supernet.encode(a): supernet.size_of(a, preset.shape)[SIZES[kind]] for a in archs}
+
     scores = search.evolve(fitness, admits, search.ALL_POPULATION, search.ALL_GENERATIONS, seed)
     picks = search.best_distinct(scores, top, preset.shape, admits)
     return {"archs": [supernet.encode(a) for a in picks], "evaluated": len(scores)}
