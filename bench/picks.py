@@ -252,7 +252,8 @@ def plain_sentence(name: str, c: dict) -> str:
         sentence = f"{a} against {b}: no measurable difference ({numbers}; the interval holds 0)."
     else:
         better, worse = (a, b) if hi < 0 else (b, a)
-        sentence = f"{better} picks better nets than {worse} ({a} minus {b}: {numbers})."
+        sentence = (f"{better} picks better nets than {worse}, by the headline reading ({a} "
+                    f"minus {b}: {numbers}).")
     return sentence[0].upper() + sentence[1:]
 
 
