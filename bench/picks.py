@@ -206,11 +206,11 @@ def table(state: dict, gt: groundtruth.GroundTruth, preset, recipe: str) -> dict
         way, _, seed = key.partition("-s")
         for reading in groups:
             values = net_values(gt, pick["archs"], preset, recipe, reading)
-            trained[key] = [len(values) - values.count(None), len(values)]
             if way == "uniform":
                 groups[reading]["uniform"] = values
             else:
                 groups[reading].setdefault(way, {})[int(seed)] = values
+        trained[key] = [len(values) - values.count(None), len(values)]  # either reading's
     missing = sum(nets - n for n, nets in trained.values())
     if missing:
         return {"missing": missing, "trained": trained}
