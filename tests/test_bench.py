@@ -336,16 +336,35 @@ def test_picks_trains_every_way_and_remakes_its_table_from_the_committed_files(
 
 
 def test_each_comparison_of_picks_reads_as_a_sentence_that_follows_its_interval():
-    def comparison(difference, lo, hi):
-        side = {"difference": difference, "ci": [lo, hi], "welch_p": 0.04, "units": [3, 16]}
+    def comparison(difference, lo, hi, p=0.04):
+        side = {"difference": difference, "ci": [lo, hi], "welch_p": p, "units": [3, 16]}
         return {"ce": side, "acc": {**side, "difference": -difference, "ci": [-hi, -lo]}}
     better = picks.plain_sentence("full - uniform", comparison(-0.004, -0.007, -0.001))
     assert better.startswith("The full method's search picks better nets than uniform draws")
     assert "-0.0040 [-0.0070, -0.0010]" in better and "+0.40 points [+0.10, +0.70]" in better
-    worse = picks.plain_sentence("full - flops", comparison(0.003, 0.001, 0.005))
+    assert "Welch p 0.04;" in better
+    worse = picks.plain_sentence("full - flops", comparison(0.003, 0.001, 0.005, p=0.004))
+    assert "Welch p 0.004;" in worse  # a small p keeps its digit
     assert worse.startswith("FLOPs as fitness picks better nets than the full method's search")
     level = picks.plain_sentence("spos - uniform", comparison(-0.002, -0.005, 0.001))
     assert "no measurable difference" in level and "better" not in level
+
+
+def test_picks_interval_is_as_wide_as_few_supernet_seeds_demand():
+    # the first 2 seeds of the small run, full against flops (2 nets a seed here): a bootstrap
+    # excluded 0; with 2 units a side, Welch's interval must hold it
+    full = [[0.3440, 0.3442], [0.3455, 0.3457]]
+    flops = [[0.3409, 0.3411], [0.3414, 0.3416]]
+    few = picks.compare(full, flops)
+    assert few["ci"][0] < 0 < few["ci"][1] and few["welch_p"] > 0.05
+    assert few["difference"] == pytest.approx(0.0036)
+    side = {**few, "difference": -few["difference"], "ci": [-few["ci"][1], -few["ci"][0]]}
+    assert "no measurable difference" in picks.plain_sentence("full - flops",
+                                                              {"ce": few, "acc": side})
+    # the same spread over 6 seeds a side is a difference
+    many = picks.compare(full * 3, flops * 3)
+    assert many["ci"][0] > 0 and many["welch_p"] < 0.05
+    assert many["difference"] == pytest.approx(few["difference"])
 
 
 def test_the_best_distinct_nets_count_codes_of_one_net_once():
