@@ -168,7 +168,7 @@ def compare(a: list[list[float]], b: list[list[float]]) -> dict:
     about a z-interval of a variance shrunk by (n - 1) / n, where Welch's t on 2 to 4 degrees
     of freedom needs 1.7 to 2.7 times the width. On the first 2 seeds of the small run, a
     two-level bootstrap (seeds, then nets) put full - flops at [+0.0011, +0.0063] while
-    Welch's p was 0.11 and its interval [-0.0030, +0.0102]: the bootstrap called a difference
+    Welch's p was 0.11 and its interval [-0.0033, +0.0105]: the bootstrap called a difference
     that 2 seeds cannot show."""
     ma, mb = [float(np.mean(u)) for u in a], [float(np.mean(u)) for u in b]
     welch = scipy.stats.ttest_ind(ma, mb, equal_var=False)
