@@ -28,7 +28,8 @@ Steps, each resumable, each result written as it finishes:
    held-out cross-entropy and top-1 of its nets (each net the mean of its 2 seeds); the
    differences, with Welch's t-test and its 95% interval on seed-level means (the nets of one
    seed share a supernet and a search, so the seed is the unit; for uniform, each net is one:
-   `compare` says why not a bootstrap); and what the picked nets look like.
+   `compare` says why not a bootstrap); what the picked nets look like; and each way at equal
+   FLOPs (`at_equal_flops`): does a search see anything in a net that its FLOPs do not?
 """
 
 import json
@@ -193,17 +194,21 @@ def table(state: dict, gt: groundtruth.GroundTruth, preset, recipe: str) -> dict
     """Every figure of the table from the picks and the stored nets; while nets are untrained,
     {"missing": n, "trained": {pick: [trained, nets]}} instead."""
     picks = state["picks"]
-    groups = {"ce": {}, "acc": {}}
+    groups = {"ce": {}, "acc": {}, "mflops": {}}
     trained = {}
     for key, pick in picks.items():
         way, _, seed = key.partition("-s")
         for reading in groups:
-            values = net_values(gt, pick["archs"], preset, recipe, reading)
+            values = (net_values(gt, pick["archs"], preset, recipe, reading)
+                      if reading != "mflops" else
+                      [supernet.size_of(supernet.decode(c), preset.shape)[0] / 1e6
+                       for c in pick["archs"]])
             if way == "uniform":
                 groups[reading]["uniform"] = values
             else:
                 groups[reading].setdefault(way, {})[int(seed)] = values
-        trained[key] = [len(values) - values.count(None), len(values)]  # either reading's
+        ce = groups["ce"]["uniform"] if way == "uniform" else groups["ce"][way][int(seed)]
+        trained[key] = [len(ce) - ce.count(None), len(ce)]  # "acc" alike: one entry holds both
     missing = sum(nets - n for n, nets in trained.values())
     if missing:
         return {"missing": missing, "trained": trained}
@@ -213,7 +218,7 @@ def table(state: dict, gt: groundtruth.GroundTruth, preset, recipe: str) -> dict
         codes = ([c for k, p in picks.items() if k.startswith(f"{way}-") for c in p["archs"]]
                  if way != "uniform" else picks["uniform"]["archs"])
         row = {"nets": len(codes), "looks": looks(codes, preset)}
-        for reading in groups:
+        for reading in ("ce", "acc"):
             u = units(way, groups[reading])
             row[reading] = {"pooled": float(np.mean([v for g in u for v in g])),
                             "per_seed": ([float(np.mean(g)) for g in u] if way != "uniform"
@@ -223,8 +228,35 @@ def table(state: dict, gt: groundtruth.GroundTruth, preset, recipe: str) -> dict
         if a in ways and b in ways:
             out["comparisons"][f"{a} - {b}"] = {
                 reading: compare(units(a, groups[reading]), units(b, groups[reading]))
-                for reading in groups}
+                for reading in ("ce", "acc")}
+    out["at_equal_flops"] = at_equal_flops(groups["ce"], groups["mflops"])
     return out
+
+
+def at_equal_flops(ce: dict, mflops: dict) -> dict:
+    """Does a way pick nets better than their FLOPs alone predict? Each net's cross-entropy
+    minus a straight line through the uniform nets' (MFLOPs, cross-entropy), the fit of an
+    unbiased sample of the budget; each way's residuals against the uniform nets' by `compare`.
+
+    A way that picks larger nets and is better only by their size comes out level here; one
+    below 0 sees something FLOPs cannot. The line's own uncertainty is not in the interval (it
+    is small near the uniform nets' mean FLOPs and grows toward the budget's top, where the
+    FLOPs picks lie): read it beside the raw comparisons, not instead of them. None with
+    under 3 sizes to fit a line to."""
+    if len(set(mflops["uniform"])) < 3:
+        return None
+    line = scipy.stats.linregress(mflops["uniform"], ce["uniform"])
+
+    def residuals(values, sizes):
+        return [v - (line.intercept + line.slope * x) for v, x in zip(values, sizes)]
+
+    resid = {way: (residuals(ce[way], mflops[way]) if way == "uniform" else
+                   {s: residuals(ce[way][s], mflops[way][s]) for s in ce[way]}) for way in ce}
+    return {"slope_per_mflop": float(line.slope), "intercept": float(line.intercept),
+            "r": float(line.rvalue),
+            "comparisons": {f"{way} - uniform": compare(units(way, resid),
+                                                        units("uniform", resid))
+                            for way in WAYS if way in ce and way != "uniform"}}
 
 
 WAY_NAMES = {"full": "the full method's search", "spos": "SPOS's search",
@@ -238,10 +270,8 @@ def plain_sentence(name: str, c: dict) -> str:
     a, b = (WAY_NAMES[w] for w in name.split(" - "))
     ce, acc = c["ce"], c["acc"]
     lo, hi = ce["ci"]
-    p = ce["welch_p"]
-    p = f"{p:.2f}" if p >= 0.01 else f"{p:.3f}" if p >= 0.001 else "< 0.001"
     numbers = (f"cross-entropy {ce['difference']:+.4f} [{lo:+.4f}, {hi:+.4f}], Welch p "
-               f"{p}; top-1 {acc['difference'] * 100:+.2f} points "
+               f"{p_text(ce['welch_p'])}; top-1 {acc['difference'] * 100:+.2f} points "
                f"[{acc['ci'][0] * 100:+.2f}, {acc['ci'][1] * 100:+.2f}]")
     if not (hi < 0 or lo > 0):  # holds 0 (or is undefined: a side without spread)
         sentence = f"{a} against {b}: no measurable difference ({numbers}; the interval holds 0)."
@@ -249,6 +279,26 @@ def plain_sentence(name: str, c: dict) -> str:
         better, worse = (a, b) if hi < 0 else (b, a)
         sentence = (f"{better} picks better nets than {worse}, by the headline reading ({a} "
                     f"minus {b}: {numbers}).")
+    return sentence[0].upper() + sentence[1:]
+
+
+def p_text(p: float) -> str:
+    """A p-value as a sentence prints it: two digits, a small one keeping its first digit."""
+    return f"{p:.2f}" if p >= 0.01 else f"{p:.3f}" if p >= 0.001 else "< 0.001"
+
+
+def equal_flops_sentence(name: str, c: dict) -> str:
+    """One way against what its nets' FLOPs predict (`at_equal_flops`), in words."""
+    way = WAY_NAMES[name.split(" - ")[0]]
+    lo, hi = c["ci"]
+    numbers = (f"{c['difference']:+.4f} [{lo:+.4f}, {hi:+.4f}] of cross-entropy from the line, "
+               f"Welch p {p_text(c['welch_p'])}")
+    if not (hi < 0 or lo > 0):
+        verdict = "as good as their FLOPs predict, no more"
+    else:
+        verdict = "better" if hi < 0 else "worse"
+        verdict += " than their FLOPs predict"
+    sentence = f"{way}: its nets are {verdict} ({numbers})."
     return sentence[0].upper() + sentence[1:]
 
 
@@ -278,6 +328,13 @@ def markdown(result: dict, preset) -> str:
         lines.append(f"| {name} | {cells[0]} | {cells[1]} | {c['ce']['units'][0]} vs "
                      f"{c['ce']['units'][1]} |")
     lines += [""] + [f"- {plain_sentence(name, c)}" for name, c in t["comparisons"].items()]
+    flat = t["at_equal_flops"]
+    if flat:
+        lines += ["", "At equal FLOPs: each net's cross-entropy against a line through the "
+                      f"uniform nets' (slope {flat['slope_per_mflop']:+.4f} per MFLOP, r = "
+                      f"{flat['r']:.2f}); the line's own uncertainty is not in the intervals.",
+                  ""]
+        lines += [f"- {equal_flops_sentence(name, c)}" for name, c in flat["comparisons"].items()]
     context = {k: v.get("kendall") for k, v in result["picks"].items() if v.get("kendall")}
     if context:
         lines += ["", "Each supernet's Kendall against the headline ground truth (n = "

@@ -3,6 +3,7 @@ import subprocess
 import sys
 from dataclasses import replace
 
+import numpy as np
 import pytest
 
 import presets
@@ -320,6 +321,9 @@ def test_picks_trains_every_way_and_remakes_its_table_from_the_committed_files(
     remade = (out / "picks-quick.md").read_text()
     assert "full - uniform" in remade
     assert picks.plain_sentence("full - uniform", table["comparisons"]["full - uniform"]) in remade
+    flat = table["at_equal_flops"]["comparisons"]
+    assert set(flat) == {f"{w} - uniform" for w in ("full", "spos", "flops", "params")}
+    assert picks.equal_flops_sentence("flops - uniform", flat["flops - uniform"]) in remade
     # a net not yet trained: no table, but how far every pick has got
     gone = made["picks"]["full-s1"]["archs"][0]
     data = json.loads(before)
@@ -365,6 +369,30 @@ def test_picks_interval_is_as_wide_as_few_supernet_seeds_demand():
     many = picks.compare(full * 3, flops * 3)
     assert many["ci"][0] > 0 and many["welch_p"] < 0.05
     assert many["difference"] == pytest.approx(few["difference"])
+
+
+def test_at_equal_flops_tells_a_pick_that_is_better_only_by_size_from_one_that_sees_more():
+    rng = np.random.default_rng(0)
+    line = lambda mflops: 0.40 - 0.003 * mflops  # noqa: E731
+    sizes = {"uniform": list(rng.uniform(3.5, 6.5, 16))}
+    ce = {"uniform": [line(x) + rng.normal(0, 0.002) for x in sizes["uniform"]]}
+    # flops: larger nets exactly on the line; full: mid-size nets 0.004 below it
+    sizes["flops"] = {s: [6.2 + 0.01 * (s + i) for i in range(4)] for s in range(3)}
+    ce["flops"] = {s: [line(x) for x in sizes["flops"][s]] for s in range(3)}
+    sizes["full"] = {s: [5.0 + 0.01 * (s + i) for i in range(4)] for s in range(3)}
+    ce["full"] = {s: [line(x) - 0.004 + 0.0003 * (s - i) for x, i in zip(sizes["full"][s],
+                                                                        range(4))]
+                  for s in range(3)}
+    flat = picks.at_equal_flops(ce, sizes)
+    assert flat["slope_per_mflop"] == pytest.approx(-0.003, abs=0.001)
+    bigger = picks.compare(picks.units("flops", ce), picks.units("uniform", ce))
+    assert bigger["ci"][1] < 0  # raw: flops beats uniform ...
+    level = flat["comparisons"]["flops - uniform"]
+    assert level["ci"][0] < 0 < level["ci"][1]  # ... by size alone
+    assert "as good as their FLOPs predict" in picks.equal_flops_sentence("flops - uniform", level)
+    sees = flat["comparisons"]["full - uniform"]
+    assert sees["ci"][1] < 0 and sees["difference"] == pytest.approx(-0.004, abs=0.0015)
+    assert "better than their FLOPs predict" in picks.equal_flops_sentence("full - uniform", sees)
 
 
 def test_the_best_distinct_nets_count_codes_of_one_net_once():
