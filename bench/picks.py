@@ -239,24 +239,44 @@ def at_equal_flops(ce: dict, mflops: dict) -> dict:
     unbiased sample of the budget; each way's residuals against the uniform nets' by `compare`.
 
     A way that picks larger nets and is better only by their size comes out level here; one
-    below 0 sees something FLOPs cannot. The line's own uncertainty is not in the interval (it
-    is small near the uniform nets' mean FLOPs and grows toward the budget's top, where the
-    FLOPs picks lie): read it beside the raw comparisons, not instead of them. None with
-    under 3 sizes to fit a line to."""
+    below 0 sees something FLOPs cannot. That needs a line that measures the size effect: its
+    slope's 95% interval ("slope_ci") must exclude 0, or there is nothing to adjust by and the
+    residuals are the raw comparisons tilted by noise (`equal_flops_lines` then says so and
+    judges nothing). The line's own uncertainty is not in the residuals' intervals: read them
+    beside the raw comparisons. None with under 3 sizes to fit a line to."""
     if len(set(mflops["uniform"])) < 3:
         return None
     line = scipy.stats.linregress(mflops["uniform"], ce["uniform"])
+    half = scipy.stats.t.ppf(0.975, len(ce["uniform"]) - 2) * line.stderr
 
     def residuals(values, sizes):
         return [v - (line.intercept + line.slope * x) for v, x in zip(values, sizes)]
 
     resid = {way: (residuals(ce[way], mflops[way]) if way == "uniform" else
                    {s: residuals(ce[way][s], mflops[way][s]) for s in ce[way]}) for way in ce}
-    return {"slope_per_mflop": float(line.slope), "intercept": float(line.intercept),
-            "r": float(line.rvalue),
+    return {"slope_per_mflop": float(line.slope),
+            "slope_ci": [float(line.slope - half), float(line.slope + half)],
+            "intercept": float(line.intercept), "r": float(line.rvalue),
             "comparisons": {f"{way} - uniform": compare(units(way, resid),
                                                         units("uniform", resid))
                             for way in WAYS if way in ce and way != "uniform"}}
+
+
+def equal_flops_lines(flat: dict | None) -> list[str]:
+    """The at-equal-FLOPs reading in words: a sentence per way where the uniform nets measure a
+    size effect, else one line saying there is none to adjust by."""
+    if not flat:
+        return []
+    lo, hi = flat["slope_ci"]
+    line = (f"slope {flat['slope_per_mflop']:+.4f} [{lo:+.4f}, {hi:+.4f}] of cross-entropy "
+            f"per MFLOP, r = {flat['r']:.2f}")
+    if lo <= 0 <= hi:
+        return ["", f"At equal FLOPs: the uniform nets show no measurable size effect inside the "
+                    f"budget ({line}), so there is no line to judge the picks at equal FLOPs by; "
+                    "the raw comparisons above are the reading."]
+    return (["", f"At equal FLOPs: each net's cross-entropy against a line through the uniform "
+                 f"nets' ({line}); the line's own uncertainty is not in these intervals.", ""]
+            + [f"- {equal_flops_sentence(name, c)}" for name, c in flat["comparisons"].items()])
 
 
 WAY_NAMES = {"full": "the full method's search", "spos": "SPOS's search",
@@ -328,13 +348,7 @@ def markdown(result: dict, preset) -> str:
         lines.append(f"| {name} | {cells[0]} | {cells[1]} | {c['ce']['units'][0]} vs "
                      f"{c['ce']['units'][1]} |")
     lines += [""] + [f"- {plain_sentence(name, c)}" for name, c in t["comparisons"].items()]
-    flat = t["at_equal_flops"]
-    if flat:
-        lines += ["", "At equal FLOPs: each net's cross-entropy against a line through the "
-                      f"uniform nets' (slope {flat['slope_per_mflop']:+.4f} per MFLOP, r = "
-                      f"{flat['r']:.2f}); the line's own uncertainty is not in the intervals.",
-                  ""]
-        lines += [f"- {equal_flops_sentence(name, c)}" for name, c in flat["comparisons"].items()]
+    lines += equal_flops_lines(t["at_equal_flops"])
     context = {k: v.get("kendall") for k, v in result["picks"].items() if v.get("kendall")}
     if context:
         lines += ["", "Each supernet's Kendall against the headline ground truth (n = "

@@ -323,7 +323,7 @@ def test_picks_trains_every_way_and_remakes_its_table_from_the_committed_files(
     assert picks.plain_sentence("full - uniform", table["comparisons"]["full - uniform"]) in remade
     flat = table["at_equal_flops"]["comparisons"]
     assert set(flat) == {f"{w} - uniform" for w in ("full", "spos", "flops", "params")}
-    assert picks.equal_flops_sentence("flops - uniform", flat["flops - uniform"]) in remade
+    assert "\n".join(picks.equal_flops_lines(table["at_equal_flops"])) in remade
     # a net not yet trained: no table, but how far every pick has got
     gone = made["picks"]["full-s1"]["archs"][0]
     data = json.loads(before)
@@ -393,6 +393,14 @@ def test_at_equal_flops_tells_a_pick_that_is_better_only_by_size_from_one_that_s
     sees = flat["comparisons"]["full - uniform"]
     assert sees["ci"][1] < 0 and sees["difference"] == pytest.approx(-0.004, abs=0.0015)
     assert "better than their FLOPs predict" in picks.equal_flops_sentence("full - uniform", sees)
+    assert picks.equal_flops_sentence("full - uniform", sees) in "\n".join(
+        picks.equal_flops_lines(flat))
+    # uniform nets whose size says nothing: no line, so no way is judged at equal FLOPs
+    ce["uniform"] = [0.385 + rng.normal(0, 0.002) for _ in sizes["uniform"]]
+    flat = picks.at_equal_flops(ce, sizes)
+    assert flat["slope_ci"][0] < 0 < flat["slope_ci"][1]
+    words = "\n".join(picks.equal_flops_lines(flat))
+    assert "no measurable size effect" in words and "predict" not in words
 
 
 def test_the_best_distinct_nets_count_codes_of_one_net_once():
