@@ -233,7 +233,7 @@ def table(state: dict, gt: groundtruth.GroundTruth, preset, recipe: str) -> dict
     return out
 
 
-def at_equal_flops(ce: dict, mflops: dict) -> dict:
+def at_equal_flops(ce: dict, mflops: dict) -> dict | None:
     """Does a way pick nets better than their FLOPs alone predict? Each net's cross-entropy
     minus a straight line through the uniform nets' (MFLOPs, cross-entropy), the fit of an
     unbiased sample of the budget; each way's residuals against the uniform nets' by `compare`.
