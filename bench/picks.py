@@ -178,11 +178,11 @@ def compare(a: list[list[float]], b: list[list[float]]) -> dict:
             "welch_p": float(welch.pvalue), "units": [len(a), len(b)]}
 
 
-def looks(codes, preset) -> dict:
-    """What a group of nets looks like: mean MFLOPs at the preset, challenge GFLOPs, depth and
-    mean width % per stage."""
+def looks(codes, mflops: dict) -> dict:
+    """What a group of nets looks like: mean MFLOPs at the preset (`mflops`: code -> MFLOPs),
+    challenge GFLOPs, depth and mean width % per stage."""
     archs = [supernet.decode(c) for c in codes]
-    return {"mflops": statistics.mean(supernet.size_of(a, preset.shape)[0] for a in archs) / 1e6,
+    return {"mflops": statistics.mean(mflops[c] for c in codes),
             "challenge_gflops": statistics.mean(search.challenge_size(a)[0]
                                                 for a in archs) / 1e9,
             "depths": [round(statistics.mean(a.depths[s] for a in archs), 2) for s in range(4)],
@@ -194,15 +194,15 @@ def table(state: dict, gt: groundtruth.GroundTruth, preset, recipe: str) -> dict
     """Every figure of the table from the picks and the stored nets; while nets are untrained,
     {"missing": n, "trained": {pick: [trained, nets]}} instead."""
     picks = state["picks"]
+    mflops = {c: supernet.size_of(supernet.decode(c), preset.shape)[0] / 1e6
+              for pick in picks.values() for c in pick["archs"]}  # each net counted once
     groups = {"ce": {}, "acc": {}, "mflops": {}}
     trained = {}
     for key, pick in picks.items():
         way, _, seed = key.partition("-s")
         for reading in groups:
             values = (net_values(gt, pick["archs"], preset, recipe, reading)
-                      if reading != "mflops" else
-                      [supernet.size_of(supernet.decode(c), preset.shape)[0] / 1e6
-                       for c in pick["archs"]])
+                      if reading != "mflops" else [mflops[c] for c in pick["archs"]])
             if way == "uniform":
                 groups[reading]["uniform"] = values
             else:
@@ -217,7 +217,7 @@ def table(state: dict, gt: groundtruth.GroundTruth, preset, recipe: str) -> dict
     for way in ways:
         codes = ([c for k, p in picks.items() if k.startswith(f"{way}-") for c in p["archs"]]
                  if way != "uniform" else picks["uniform"]["archs"])
-        row = {"nets": len(codes), "looks": looks(codes, preset)}
+        row = {"nets": len(codes), "looks": looks(codes, mflops)}
         for reading in ("ce", "acc"):
             u = units(way, groups[reading])
             row[reading] = {"pooled": float(np.mean([v for g in u for v in g])),
